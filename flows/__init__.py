@@ -1,0 +1,1 @@
+"""Anomaly models (normalizing flows). Models never import the daemon, ingest or sinks."""

@@ -1,0 +1,1 @@
+"""A physics-based simulator of the voraus-AD pick-and-place cell (pinocchio rigid-body dynamics)."""

@@ -1,0 +1,1 @@
+"""voraus-AD parquet files: layout, streaming reader."""
