@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from daemon import __version__
+from daemon.cli_support import UsageError
+from ingest.errors import IngestError
 
 #: subcommand name -> module in daemon.commands providing add_parser() and run()
 COMMANDS: dict[str, str] = {
@@ -15,9 +17,7 @@ COMMANDS: dict[str, str] = {
     "synth": "daemon.commands.synth",
 }
 
-
-class UsageError(Exception):
-    """A problem with what the user asked for; printed without a traceback, exit status 2."""
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UsageError as err:
+    except (UsageError, IngestError) as err:
         print(f"cellwatch {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
