@@ -57,7 +57,9 @@ def main() -> None:
     pooled = ref.reshape(-1, ref.shape[-1]).std(axis=0)
     spread = np.maximum(spread, np.maximum(np.median(spread, axis=0), 0.25 * pooled))
     spread = np.where(spread > 0, spread, np.inf)
-    normal_max = np.stack([np.abs(np.stack([c[s] for s in MACHINE_SIGNALS], 1)).max(0) for c in normal_cycles])
+    normal_max = np.stack(
+        [np.abs(np.stack([c[s] for s in MACHINE_SIGNALS], 1)).max(0) for c in normal_cycles]
+    )
 
     rows = []
     for cat in ANOMALY_CATEGORIES:
@@ -78,9 +80,13 @@ def main() -> None:
             rms_best.append(rms[best])
             peak_best.append(np.abs(diff).max())
             names.append(MACHINE_SIGNALS[best])
-        anomaly_max = np.stack([np.abs(np.stack([c[s] for s in MACHINE_SIGNALS], 1)).max(0) for c in anomalous])
+        anomaly_max = np.stack(
+            [np.abs(np.stack([c[s] for s in MACHINE_SIGNALS], 1)).max(0) for c in anomalous]
+        )
         aucs = [
-            max(roc_auc(normal_max[:, j], anomaly_max[:, j]), 1 - roc_auc(normal_max[:, j], anomaly_max[:, j]))
+            max(
+                roc_auc(normal_max[:, j], anomaly_max[:, j]), 1 - roc_auc(normal_max[:, j], anomaly_max[:, j])
+            )
             for j in range(len(MACHINE_SIGNALS))
         ]
         j_best = int(np.argmax(aucs))
@@ -97,17 +103,36 @@ def main() -> None:
             }
         )
 
-    table = Table(title=f"How subtle are the simulated anomalies ({args.rate} Hz, {args.normals} normal cycles)")
-    for col in ("category", "n", "most affected signal", "rms shift [σ]", "peak shift [σ]",
-                "best max-value AUROC", "(signal)"):
-        table.add_column(col, justify="left" if col in ("category", "most affected signal", "(signal)") else "right")
+    table = Table(
+        title=f"How subtle are the simulated anomalies ({args.rate} Hz, {args.normals} normal cycles)"
+    )
+    for col in (
+        "category",
+        "n",
+        "most affected signal",
+        "rms shift [σ]",
+        "peak shift [σ]",
+        "best max-value AUROC",
+        "(signal)",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("category", "most affected signal", "(signal)") else "right"
+        )
     for r in rows:
         table.add_row(
-            r["category"], str(r["cycles"]), r["most_affected_signal"], f"{r['rms_shift_sigma']:.2f}",
-            f"{r['peak_shift_sigma']:.1f}", f"{r['max_value_auroc']:.2f}", r["max_value_signal"],
+            r["category"],
+            str(r["cycles"]),
+            r["most_affected_signal"],
+            f"{r['rms_shift_sigma']:.2f}",
+            f"{r['peak_shift_sigma']:.1f}",
+            f"{r['max_value_auroc']:.2f}",
+            r["max_value_signal"],
         )
     console.print(table)
-    console.print(f"σ = normal cycle-to-cycle std at the same time step (floored at its median over the cycle and at 25 % of the signal's overall std); took {time.perf_counter() - started:.0f} s")
+    console.print(
+        "σ = normal cycle-to-cycle std at the same time step (floored at its median over the cycle "
+        f"and at 25 % of the signal's overall std); took {time.perf_counter() - started:.0f} s"
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -15,6 +15,7 @@ from ingest.errors import IngestError
 COMMANDS: dict[str, str] = {
     "inspect": "daemon.commands.inspect",
     "synth": "daemon.commands.synth",
+    "demo": "daemon.commands.demo",
 }
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]

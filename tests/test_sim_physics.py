@@ -46,7 +46,8 @@ def test_cycle_has_every_column_with_the_published_dtype(sim: CellSimulator) -> 
     for name in META_COLUMNS:
         assert c[name].dtype == META_DTYPES[name], name
     for name in MACHINE_SIGNALS:
-        assert c[name].dtype == np.float64 and np.isfinite(c[name]).all(), name
+        assert c[name].dtype == np.float64, name
+        assert np.isfinite(c[name]).all(), name
     assert len({len(v) for v in c.values()}) == 1
 
 
@@ -78,7 +79,7 @@ def test_first_seconds_are_near_identical_and_variance_starts_with_the_can(
 ) -> None:
     n = min(len(c["time"]) for c in normals)
     pos = np.stack([c["target_position_1"][:n] for c in normals])
-    early = pos[:, : 400].std(axis=0).max()  # first 4 s: move to the scan position, camera
+    early = pos[:, :400].std(axis=0).max()  # first 4 s: move to the scan position, camera
     late = pos[:, 500:].std(axis=0).max()
     assert early < 1e-3
     assert late > 0.05
@@ -113,7 +114,10 @@ def test_friction_raises_motor_torque_of_that_axis_during_motion(sim: CellSimula
     extra = float(np.mean(delta[moving] * np.sign(velocity[moving])))
     assert extra > 0.15  # Nm, against a noise of ~0.1 Nm per sample averaged over hundreds of samples
     # and the axis dissipates more mechanical power
-    power = anomalous[f"power_motor_mech_{axis}"][moving].mean() - normal[f"power_motor_mech_{axis}"][moving].mean()
+    power = (
+        anomalous[f"power_motor_mech_{axis}"][moving].mean()
+        - normal[f"power_motor_mech_{axis}"][moving].mean()
+    )
     assert power > 0
     for other in set(range(1, 7)) - {axis}:
         d = np.abs(anomalous[f"motor_torque_{other}"] - normal[f"motor_torque_{other}"]).mean()
@@ -154,9 +158,11 @@ def test_extra_link_mass_changes_the_holding_torque(sim: CellSimulator) -> None:
 )
 def test_collision_is_a_short_torque_event(sim: CellSimulator, category: Category, variant: Variant) -> None:
     anomalous, normal = twins(sim, category, variant)
-    diff = np.abs(anomalous["torque_sensor_a_1"] - normal["torque_sensor_a_1"]) + np.abs(
-        anomalous["torque_sensor_a_2"] - normal["torque_sensor_a_2"]
-    ) + np.abs(anomalous["torque_sensor_a_3"] - normal["torque_sensor_a_3"])
+    diff = (
+        np.abs(anomalous["torque_sensor_a_1"] - normal["torque_sensor_a_1"])
+        + np.abs(anomalous["torque_sensor_a_2"] - normal["torque_sensor_a_2"])
+        + np.abs(anomalous["torque_sensor_a_3"] - normal["torque_sensor_a_3"])
+    )
     assert diff.max() > 0.3
     touched = np.flatnonzero(diff > 0.02)
     # a short event (force pulse plus the position loop settling), not a change of the whole cycle
@@ -216,7 +222,8 @@ def test_invalid_gripping_position_is_outside_the_normal_region(sim: CellSimulat
         x, y, _ = sim.arm.data.oMf[sim.arm.tcp].translation
         assert x > CONVEYOR_X[1] or y > CONVEYOR_Y[1]
         # ... but only just: a plausible position, not a different program
-        assert x < CONVEYOR_X[1] + 0.05 and y < CONVEYOR_Y[1] + 0.05
+        assert x < CONVEYOR_X[1] + 0.05
+        assert y < CONVEYOR_Y[1] + 0.05
 
 
 @pytest.mark.parametrize("axis", [2, 4])
@@ -226,7 +233,10 @@ def test_miscommutation_costs_current_and_shows_a_d_current(sim: CellSimulator, 
     loaded = np.abs(iq_n) > 0.3
     ratio = np.abs(iq_a[loaded]).mean() / np.abs(iq_n[loaded]).mean()
     assert ratio == pytest.approx(1 / np.cos(np.deg2rad(6.0)), abs=0.01)  # less torque per amp
-    id_gain = np.abs(anomalous[f"motor_id_{axis}"][loaded]).mean() - np.abs(normal[f"motor_id_{axis}"][loaded]).mean()
+    id_gain = (
+        np.abs(anomalous[f"motor_id_{axis}"][loaded]).mean()
+        - np.abs(normal[f"motor_id_{axis}"][loaded]).mean()
+    )
     assert id_gain > 0.05 * np.abs(iq_n[loaded]).mean()
     # the joint itself sees the same load: torque sensors agree with the twin to noise level
     d = anomalous[f"torque_sensor_a_{axis}"] - normal[f"torque_sensor_a_{axis}"]

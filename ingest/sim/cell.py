@@ -100,6 +100,7 @@ CONVEYOR_X = (0.38, 0.56)
 CONVEYOR_Y = (-0.22, 0.06)
 PICK_Z = 0.07
 APPROACH_DZ = 0.12
+APPROACH = np.array([0.0, 0.0, APPROACH_DZ])
 CAN_RADIUS = 0.033
 CAN_HEIGHT = 0.115
 V_MAX = np.array([1.25, 1.25, 1.5, 2.0, 2.0, 2.2])
@@ -132,8 +133,8 @@ class CellSimulator:
         self.down = self.arm.tcp_pose(Q_SEED).rotation  # tool axis pointing down
         # the wrist camera looks at the belt at an angle, so the wrist axes move on the way to scan
         self.q_scan = self._ik(SCAN_XYZ, Q_SEED, pin.rpy.rpyToMatrix(*SCAN_TILT_RPY) @ self.down)
-        self.q_home = self._ik(PLACE_XYZ + [0, 0, APPROACH_DZ], Q_SEED)
-        self.place_path = self._line(PLACE_XYZ + [0, 0, APPROACH_DZ], PLACE_XYZ, self.q_home)
+        self.q_home = self._ik(PLACE_XYZ + APPROACH, Q_SEED)
+        self.place_path = self._line(PLACE_XYZ + APPROACH, PLACE_XYZ, self.q_home)
         self.pi_robot = self.arm.base_params
         self._gravity_on = np.array([0.0, 0.0, -9.81])
 
@@ -170,7 +171,7 @@ class CellSimulator:
 
     def plan(self, can_xyz: FloatArray, rng: np.random.Generator) -> _Cycle:
         """The program: scan, camera, approach, pick, carry, place, retreat."""
-        over = can_xyz + [0, 0, APPROACH_DZ]
+        over = can_xyz + APPROACH
         q_over = self._ik(over, self.q_scan)
         down_path = self._line(over, can_xyz, q_over)
         q_pick = down_path[-1]
@@ -195,8 +196,13 @@ class CellSimulator:
         program = tr.concatenate(segs)
         vacuum_on, _ = program.segment_bounds(A.VOID_4)
         vacuum_off, _ = program.segment_bounds(A.VOID_7)
-        return _Cycle(program, attach=vacuum_on + 0.12, release=vacuum_off + 0.08,
-                      vacuum_on=vacuum_on, vacuum_off=vacuum_off)
+        return _Cycle(
+            program,
+            attach=vacuum_on + 0.12,
+            release=vacuum_off + 0.08,
+            vacuum_on=vacuum_on,
+            vacuum_off=vacuum_off,
+        )
 
     # --- one cycle -------------------------------------------------------------------------------------
     def simulate(self, spec: CycleSpec, seed: int) -> dict[str, np.ndarray]:
@@ -208,8 +214,8 @@ class CellSimulator:
         cyc = self.plan(self.can_position(spec, rng, rng_anomaly), rng)
         prog = cyc.program
         idx = np.arange(0, len(prog.q), self.step)
-        lag = np.clip(idx - int(round(LAG_S * tr.FINE_HZ)), 0, None)
-        t = idx * tr.FINE_DT
+        lag = np.clip(idx - round(LAG_S * tr.FINE_HZ), 0, None)
+        t = (idx * tr.FINE_DT).astype(np.float64)
         n = len(idx)
         dt = 1.0 / self.rate_hz
         q_d, qd_d, qdd_d = prog.q[idx], prog.qd[idx], prog.qdd[idx]
@@ -360,7 +366,9 @@ class CellSimulator:
         }
         for axis in range(6):
             for stem in AXIS_SIGNAL_STEMS:
-                cols[f"{stem}_{axis + 1}"] = np.ascontiguousarray(axis_values[stem][:, axis], dtype=np.float64)
+                cols[f"{stem}_{axis + 1}"] = np.ascontiguousarray(
+                    axis_values[stem][:, axis], dtype=np.float64
+                )
         assert list(cols)[7:] == list(MACHINE_SIGNALS)
         return cols
 

@@ -90,8 +90,9 @@ def write_recording(
                 writer.write_table(pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA))
                 pending.clear()
 
-            for spec, cycle in zip(specs, simulate_cycles(specs, rate_hz=rate_hz, seed=seed, workers=workers),
-                                   strict=True):
+            for spec, cycle in zip(
+                specs, simulate_cycles(specs, rate_hz=rate_hz, seed=seed, workers=workers), strict=True
+            ):
                 pending.append(cycle)
                 rows += len(cycle["time"])
                 if on_cycle is not None:

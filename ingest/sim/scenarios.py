@@ -32,26 +32,54 @@ assert sum(PAPER_ANOMALY_COUNTS.values()) == 755
 V = Variant
 CATEGORY_VARIANTS: dict[Category, tuple[Variant, ...]] = {
     Category.AXIS_FRICTION: (
-        V.A1_A, V.A1_B, V.A2_A, V.A2_B, V.A3_A, V.A3_B, V.A4_A, V.A4_B, V.A5_A, V.A5_B, V.A6_A, V.A6_B,
+        V.A1_A,
+        V.A1_B,
+        V.A2_A,
+        V.A2_B,
+        V.A3_A,
+        V.A3_B,
+        V.A4_A,
+        V.A4_B,
+        V.A5_A,
+        V.A5_B,
+        V.A6_A,
+        V.A6_B,
     ),
     Category.AXIS_WEIGHT: tuple(
-        V[f"A{axis}_{grams}G"] for axis in range(1, 7) for grams in (115, 231, 500)
+        Variant[f"A{axis}_{grams}G"] for axis in range(1, 7) for grams in (115, 231, 500)
     ),
     Category.COLLISION_FOAM: (V.LARGE_FULL, V.SMALL_FULL, V.LARGE_HANGING_FULL, V.SMALL_HANGING_FULL),
     Category.COLLISION_CABLE: (V.LAN, V.CONNECTOR_TOP),
     Category.COLLISION_CARTON: (V.FULL_A, V.FULL_B),
     Category.MISS_CAN: (V.NO_VACUUM,),
     Category.LOSE_CAN: (
-        V.DROP_100MS, V.DROP_200MS, V.DROP_1100MS, V.DROP_1400MS, V.LOSE_200MS, V.LOSE_300MS,
-        V.LOSE_PLACE_100MS, V.DEFECT_GRIPPER_DROP_CAN,
+        V.DROP_100MS,
+        V.DROP_200MS,
+        V.DROP_1100MS,
+        V.DROP_1400MS,
+        V.LOSE_200MS,
+        V.LOSE_300MS,
+        V.LOSE_PLACE_100MS,
+        V.DEFECT_GRIPPER_DROP_CAN,
     ),
     Category.CAN_WEIGHT: (
-        V.EMPTY, V.DECREASE_165G, V.DECREASE_95G, V.INCREASE_242G, V.INCREASE_373G, V.INCREASE_407G,
+        V.EMPTY,
+        V.DECREASE_165G,
+        V.DECREASE_95G,
+        V.INCREASE_242G,
+        V.INCREASE_373G,
+        V.INCREASE_407G,
     ),
     Category.ENTANGLED: (V.CABLE,),
     Category.INVALID_POSITION: (V.PICK,),
     Category.MOTOR_COMMUTATION: (
-        V.A1_HIGH, V.A1_MEDIUM, V.A2_MEDIUM, V.A3_MEDIUM, V.A4_MEDIUM, V.A5_MEDIUM, V.A6_MEDIUM,
+        V.A1_HIGH,
+        V.A1_MEDIUM,
+        V.A2_MEDIUM,
+        V.A3_MEDIUM,
+        V.A4_MEDIUM,
+        V.A5_MEDIUM,
+        V.A6_MEDIUM,
     ),
     Category.WOBBLING_STATION: (V.LOW_DAMPING, V.MEDIUM_DAMPING, V.HIGH_DAMPING),
 }
@@ -122,6 +150,24 @@ def parse_categories(values: Sequence[str] | None) -> tuple[Category, ...]:
     return tuple(chosen)
 
 
+def _group_sizes(paper: list[int], total: int, minimum: list[int]) -> list[int]:
+    """Split `total` in proportion to `paper` (largest remainders), honouring per-group minimums
+    while the total allows it."""
+    weight = np.asarray(paper, dtype=float)
+    quota = total * weight / weight.sum()
+    sizes = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - sizes), kind="stable")[: total - sizes.sum()]:
+        sizes[i] += 1
+    for i, low in enumerate(minimum):
+        while sizes[i] < low:
+            donor = int(np.argmax(sizes - np.asarray(minimum)))
+            if sizes[donor] - minimum[donor] <= 0:
+                break
+            sizes[donor] -= 1
+            sizes[i] += 1
+    return [int(x) for x in sizes]
+
+
 def plan_recording(
     *,
     scale: float = 1.0,
@@ -132,30 +178,30 @@ def plan_recording(
     """The cycles of a recording in recording order, with the paper's proportions.
 
     Training normals (PRE_A) come first, then test normals and anomalies interleaved at random.
-    `cycles` fixes the total count (proportions kept); `scale` multiplies the paper's counts. Every
-    selected category gets at least one cycle.
+    `scale` multiplies the paper's counts (every selected category keeps at least one cycle);
+    `cycles` fixes the exact total instead (categories get at least one cycle while the total allows).
     """
+    if not categories:
+        raise ValueError("at least one anomaly category is needed")
+    paper = [PAPER_TRAIN_NORMALS, PAPER_TEST_NORMALS] + [PAPER_ANOMALY_COUNTS[c] for c in categories]
     if cycles is not None:
         if cycles < 3:
-            raise ValueError(f"cycles must be at least 3, got {cycles}")
-        paper_total = PAPER_TRAIN_NORMALS + PAPER_TEST_NORMALS + sum(
-            PAPER_ANOMALY_COUNTS[c] for c in categories
-        )
-        scale = cycles / paper_total
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+            raise ValueError(
+                f"cycles must be at least 3 (two training cycles and a test cycle), got {cycles}"
+            )
+        sizes = _group_sizes(paper, cycles, [2, 1] + [1] * len(categories))
+    else:
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        sizes = [max(2, round(paper[0] * scale)), max(1, round(paper[1] * scale))]
+        sizes += [max(1, round(n * scale)) for n in paper[2:]]
+    n_train, n_test_normal, per_category = sizes[0], sizes[1], sizes[2:]
     rng = np.random.default_rng([seed, 0x5EED])
-    n_train = max(2, round(PAPER_TRAIN_NORMALS * scale))
-    n_test_normal = max(1, round(PAPER_TEST_NORMALS * scale))
     anomalies: list[tuple[Category, Variant]] = []
-    for cat in categories:
-        count = max(1, round(PAPER_ANOMALY_COUNTS[cat] * scale))
+    for cat, count in zip(categories, per_category, strict=True):
         variants = list(CATEGORY_VARIANTS[cat])
         offset = int(rng.integers(len(variants)))
         anomalies += [(cat, variants[(offset + i) % len(variants)]) for i in range(count)]
-    if cycles is not None:  # rounding per group can miss the exact total: trim or pad with normals
-        surplus = n_train + n_test_normal + len(anomalies) - cycles
-        n_test_normal = max(1, n_test_normal - surplus)
     test: list[tuple[Category, Variant]] = [
         (Category.NORMAL_OPERATION, NORMAL_TEST_VARIANTS[i % len(NORMAL_TEST_VARIANTS)])
         for i in range(n_test_normal)

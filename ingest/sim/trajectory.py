@@ -40,7 +40,7 @@ def motion_profile(v_max: float, a_max: float, jerk_time: float) -> tuple[FloatA
     t = np.arange(n + 1) * FINE_DT
     vel = np.minimum.reduce([np.full_like(t, v_peak), a_max * t, a_max * (t_total - t)])
     vel = np.clip(vel, 0.0, None)
-    k = max(int(round(jerk_time * FINE_HZ)), 1)
+    k = max(round(jerk_time * FINE_HZ), 1)
     if k > 1:
         vel = np.convolve(vel, np.ones(k) / k, mode="full")
     # exact integral by trapezoids, then normalized so the move ends exactly at its goal
@@ -83,7 +83,7 @@ class Program:
 
 
 def dwell(q: FloatArray, seconds: float, action: Action) -> Segment:
-    n = max(int(round(seconds * FINE_HZ)), 1)
+    n = max(round(seconds * FINE_HZ), 1)
     pos = np.repeat(q[None, :], n, axis=0)
     zeros = np.zeros_like(pos)
     return Segment(action, pos, zeros, zeros.copy())
