@@ -15,6 +15,8 @@ from ingest.errors import IngestError
 COMMANDS: dict[str, str] = {
     "inspect": "daemon.commands.inspect",
     "synth": "daemon.commands.synth",
+    "train": "daemon.commands.train",
+    "evaluate": "daemon.commands.evaluate",
     "demo": "daemon.commands.demo",
 }
 

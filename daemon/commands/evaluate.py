@@ -1,0 +1,151 @@
+"""``cellwatch evaluate``: the paper's protocol — AUROC per anomaly category against all normal test
+cycles, and their mean — optionally next to the 1-NN and PCA baselines (Table 8.2 of the thesis)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.cli_support import UsageError, console, progress
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="AUROC per anomaly category on the test split (paper protocol), optionally with baselines",
+    )
+    p.add_argument("--data", required=True, type=Path, help="voraus-AD parquet file")
+    p.add_argument("--model", required=True, type=Path, help="model directory from cellwatch train")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--baselines", action="store_true", help="add 1-NN (l1) and PCA (90 components)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for scoring")
+    p.add_argument("--scores", type=Path, help="also write per-cycle scores to this CSV file")
+    p.set_defaults(func=run)
+
+
+def cycle_scores(scorer: Any, cycles: list[np.ndarray]) -> np.ndarray:
+    """One score per cycle: the whole cycle (cycle mode) or its highest window score (window mode)."""
+    if scorer.card.mode == "cycle":
+        return np.asarray(scorer.score(np.stack([scorer.prepare_cycle(x) for x in cycles])).raw)
+    out = np.empty(len(cycles))
+    for i, x in enumerate(cycles):
+        windows = scorer.prepare_stream(x)
+        if len(windows) == 0:  # shorter than one window: score it padded
+            windows = scorer.prepare_stream(np.concatenate([x, np.repeat(x[-1:], scorer.card.window, 0)]))[:1]
+        out[i] = scorer.score(windows).raw.max()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from daemon.dataset import load_cycles
+    from flows.artifact import ModelFormatError, load_model
+    from flows.metrics import per_category_auroc
+    from flows.preprocess import pad_or_truncate
+    from flows.scorer import Scorer
+
+    try:
+        peek = load_model(args.model)
+    except ModelFormatError as err:
+        raise UsageError(str(err)) from err
+    divider = int(peek.card.training.get("rate_divider", 1))
+    data = load_cycles(args.data, peek.card.signals, rate_divider=divider, want_train=args.baselines)
+    try:
+        model = load_model(args.model, expect_signals=data.signal_names, expect_rate_hz=data.rate_hz)
+        scorer = Scorer(model, device=args.device, bf16=args.bf16)
+    except (ModelFormatError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    test = data.test
+    if not any(test.anomaly) or all(test.anomaly):
+        raise UsageError(f"{args.data} needs both normal and anomalous test cycles to evaluate")
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("scoring test cycles (MVT-Flow)", total=len(test))
+        parts = []
+        for i in range(0, len(test), 64):
+            parts.append(cycle_scores(scorer, test.signals[i : i + 64]))
+            bar.advance(task, len(test.signals[i : i + 64]))
+    flow_scores = np.concatenate(parts)
+    timings["MVT-Flow"] = time.perf_counter() - started
+    anomaly = np.asarray(test.anomaly)
+    results["MVT-Flow"] = per_category_auroc(flow_scores, test.categories, anomaly)
+    all_scores = {"MVT-Flow": flow_scores}
+    if args.baselines:
+        import torch
+
+        from flows.baselines import OneNN, PCABaseline
+
+        steps = max(len(x) for x in data.train.signals)
+        scaler = model.card.scaler
+
+        def matrix(cycles: list[np.ndarray]) -> torch.Tensor:
+            return torch.from_numpy(np.stack([pad_or_truncate(scaler.transform(x), steps) for x in cycles]))
+
+        train_x, test_x = matrix(data.train.signals), matrix(test.signals)
+        for name, baseline in (("1-NN", OneNN()), ("PCA", PCABaseline(n_components=90))):
+            started = time.perf_counter()
+            with console.status(f"baseline {name}"):
+                baseline.fit(train_x)
+                scores = baseline.score(test_x).double().numpy()
+            timings[name] = time.perf_counter() - started
+            results[name] = per_category_auroc(scores, test.categories, anomaly)
+            all_scores[name] = scores
+    if args.scores:
+        import csv
+
+        with args.scores.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["sample", "category", "variant", "anomaly", *all_scores])
+            for i in range(len(test)):
+                writer.writerow(
+                    [test.samples[i], test.categories[i], test.variants[i], int(test.anomaly[i])]
+                    + [f"{s[i]:.6g}" for s in all_scores.values()]
+                )
+    flow = results["MVT-Flow"]
+    if args.json:
+        out: dict[str, Any] = {
+            "per_category": flow.per_category,
+            "mean": flow.mean,
+            "counts": flow.counts,
+            "normals": flow.normals,
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+        }
+        if args.baselines:
+            out["baselines"] = {
+                name: {"per_category": r.per_category, "mean": r.mean}
+                for name, r in results.items()
+                if name != "MVT-Flow"
+            }
+        print(json.dumps(out))
+        return 0
+    print_table(results, flow.counts, flow.normals, timings)
+    return 0
+
+
+def print_table(
+    results: dict[str, Any], counts: dict[str, int], normals: int, timings: dict[str, float]
+) -> None:
+    from rich.table import Table
+
+    names = list(results)
+    table = Table(title=f"AUROC % per category (each against all {normals} normal test cycles)")
+    table.add_column("category")
+    table.add_column("n", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for category, n in counts.items():
+        row = [f"{100 * results[name].per_category[category]:.1f}" for name in names]
+        best = max(range(len(names)), key=lambda i: results[names[i]].per_category[category])
+        row[best] = f"[bold]{row[best]}[/]"
+        table.add_row(category, str(n), *row)
+    table.add_section()
+    table.add_row("mean", "", *[f"[bold]{100 * results[name].mean:.1f}[/]" for name in names])
+    table.add_row("seconds", "", *[f"{timings[name]:.1f}" for name in names])
+    console.print(table)

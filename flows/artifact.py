@@ -1,0 +1,230 @@
+"""Model artifacts: a directory with ``weights.safetensors`` and ``model.json``. No pickle anywhere.
+
+model.json holds everything needed to score new data the way the model was trained: the format
+version, the signal list in order, the sampling rate, the scoring mode with T (cycle) or window/hop,
+the scaler, the calibrated threshold with its false-positive rate, the training-data fingerprint and
+the architecture and training configuration. Loading checks the format version and the weights, and
+optionally that the data to be scored has the same signals and rate.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from safetensors.torch import load_file, save_file
+
+from flows.mvtflow import MVTFlow, MVTFlowConfig
+from flows.preprocess import Standardizer
+
+FORMAT_VERSION = 1
+KIND = "mvt-flow"
+WEIGHTS = "weights.safetensors"
+META = "model.json"
+MAX_META_BYTES = 16 * 2**20
+
+Mode = Literal["cycle", "window"]
+
+
+class ModelFormatError(ValueError):
+    """A model directory that cannot be used: the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Score threshold calibrated on held-out normal training data.
+
+    ``reference`` is the median calibration score: normalized = (score − reference) / (value − reference),
+    so a typical normal window scores ~0 and the threshold maps to 1.0.
+    """
+
+    value: float
+    reference: float
+    target_fpr: float
+    calibration_fpr: float
+    calibration_windows: int
+
+    def normalize(self, score: Any) -> Any:
+        span = self.value - self.reference
+        return (score - self.reference) / (span if span > 0 else 1.0)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything about a trained model except its weights (model.json)."""
+
+    signals: tuple[str, ...]
+    rate_hz: float
+    mode: Mode
+    time_steps: int
+    window: int | None
+    hop: int | None
+    scaler: Standardizer
+    threshold: Threshold
+    architecture: MVTFlowConfig
+    training: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "signals": list(self.signals),
+            "rate_hz": self.rate_hz,
+            "mode": self.mode,
+            "time_steps": self.time_steps,
+            "window": self.window,
+            "hop": self.hop,
+            "scaler": self.scaler.to_dict(),
+            "threshold": self.threshold.__dict__,
+            "architecture": self.architecture.to_dict(),
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelCard:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelFormatError(
+                f"model format_version is {version!r}, this cellwatch reads version {FORMAT_VERSION}; "
+                "retrain the model or use a matching cellwatch"
+            )
+        if data.get("kind") != KIND:
+            raise ModelFormatError(f"model kind is {data.get('kind')!r}, expected {KIND!r}")
+        try:
+            signals = tuple(str(s) for s in data["signals"])
+            scaler = Standardizer.from_dict(data["scaler"])
+            card = cls(
+                signals=signals,
+                rate_hz=float(data["rate_hz"]),
+                mode=data["mode"],
+                time_steps=int(data["time_steps"]),
+                window=None if data["window"] is None else int(data["window"]),
+                hop=None if data["hop"] is None else int(data["hop"]),
+                scaler=scaler,
+                threshold=Threshold(**data["threshold"]),
+                architecture=MVTFlowConfig.from_dict(data["architecture"]),
+                training=dict(data.get("training", {})),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFormatError(f"model.json is incomplete or invalid: {err}") from err
+        if card.mode not in ("cycle", "window"):
+            raise ModelFormatError(f"model mode must be 'cycle' or 'window', got {card.mode!r}")
+        if len(scaler.mean) != len(signals) or card.architecture.signals != len(signals):
+            raise ModelFormatError(
+                f"model.json lists {len(signals)} signals but the scaler has {len(scaler.mean)} "
+                f"and the network {card.architecture.signals}"
+            )
+        if card.architecture.time_steps != card.time_steps:
+            raise ModelFormatError("model.json time_steps does not match the network's")
+        return card
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    flow: MVTFlow
+
+
+def save_model(directory: Path, flow: MVTFlow, card: ModelCard) -> None:
+    """Write the artifact atomically (a temporary directory renamed into place)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in flow.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "kind": KIND})
+        (tmp / META).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+        if directory.exists():
+            old = directory.with_name(directory.name + ".old")
+            directory.rename(old)
+            tmp.rename(directory)
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        else:
+            tmp.rename(directory)
+    finally:
+        if tmp.exists():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+
+
+def load_model(
+    directory: Path,
+    *,
+    expect_signals: tuple[str, ...] | list[str] | None = None,
+    expect_rate_hz: float | None = None,
+) -> LoadedModel:
+    """Load and check a model; with `expect_*` also check it fits the data it is about to score."""
+    directory = Path(directory)
+    meta_path, weights_path = directory / META, directory / WEIGHTS
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise ModelFormatError(f"{directory} is not a cellwatch model: {path.name} is missing")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise ModelFormatError(f"{meta_path} is larger than {MAX_META_BYTES} bytes")
+    try:
+        data = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFormatError(f"{meta_path} is not valid JSON: {err}") from err
+    card = ModelCard.from_json(data)
+    if expect_signals is not None and tuple(expect_signals) != card.signals:
+        expected = list(expect_signals)
+        missing = [s for s in card.signals if s not in expected]
+        extra = [s for s in expected if s not in card.signals]
+        detail = f"model needs {len(card.signals)} signals, data has {len(expected)}"
+        if missing:
+            detail += f"; missing from the data: {missing[:5]}"
+        if extra:
+            detail += f"; not in the model: {extra[:5]}"
+        if not missing and not extra:
+            detail += "; same signals in a different order"
+        raise ModelFormatError(f"signal list does not match the model: {detail}")
+    if expect_rate_hz is not None and abs(expect_rate_hz - card.rate_hz) > 1e-6 * card.rate_hz:
+        raise ModelFormatError(
+            "sampling rate does not match the model: "
+            f"model trained at {card.rate_hz:g} Hz, data is {expect_rate_hz:g} Hz"
+        )
+    flow = MVTFlow(card.architecture)
+    state = load_file(str(weights_path))
+    own = flow.state_dict()
+    if set(state) != set(own):
+        raise ModelFormatError(
+            f"{weights_path.name} does not fit the architecture in model.json "
+            f"(missing {sorted(set(own) - set(state))[:3]}, unexpected {sorted(set(state) - set(own))[:3]})"
+        )
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ModelFormatError(
+                f"weight {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+            )
+    flow.load_state_dict(state)
+    flow.eval()
+    return LoadedModel(card=card, flow=flow)
+
+
+def state_fingerprint(flow: MVTFlow) -> str:
+    """Short hash of the weights, for logs and reports."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(flow.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "ModelCard",
+    "ModelFormatError",
+    "Threshold",
+    "load_model",
+    "save_model",
+    "state_fingerprint",
+]

@@ -1,0 +1,118 @@
+"""One scorer API for both scoring modes.
+
+- cycle mode (as published): a whole cycle, standardized, zero-padded or truncated to the model's T;
+- window mode: fixed-length windows cut every `hop` steps from a continuous stream, so live data
+  without cycle markers can be scored and a cycle gets an early score.
+
+`score()` takes a batch of windows from any number of robots at once (micro-batching) and runs on
+the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from flows.artifact import LoadedModel
+from flows.preprocess import cut_windows, pad_or_truncate
+from flows.training import autocast, resolve_device
+
+
+@dataclass(frozen=True)
+class Scores:
+    raw: NDArray[np.float64]  # NLL score, higher = more anomalous
+    normalized: NDArray[np.float64]  # threshold -> 1.0, typical normal -> ~0
+    is_anomaly: NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class Localization:
+    per_time: NDArray[np.float64]  # (B, T) Σ_s |∂score/∂x(t, s)|
+    per_signal: NDArray[np.float64]  # (B, S) Σ_t |∂score/∂x(t, s)|
+    top_signals: list[list[tuple[str, float]]]  # per window: (signal, share of the total) best first
+
+
+class Scorer:
+    def __init__(
+        self, model: LoadedModel, *, device: str = "auto", bf16: bool = False, max_batch: int = 256
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.card = model.card
+        self.device = resolve_device(device)
+        self.flow = model.flow.to(self.device).eval()
+        self.bf16 = bf16
+        self.max_batch = max_batch
+
+    @property
+    def time_steps(self) -> int:
+        return self.card.time_steps
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        return self.card.signals
+
+    def prepare_cycle(self, signals: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
+        """(T_i, S) raw cycle -> (S, T) model input (standardized, padded or truncated)."""
+        self._check_signals(signals)
+        return pad_or_truncate(self.card.scaler.transform(signals), self.card.time_steps)
+
+    def prepare_stream(
+        self, signals: NDArray[np.floating[Any]], hop: int | None = None
+    ) -> NDArray[np.float32]:
+        """(T, S) raw stream -> (n, S, window) model inputs, one every `hop` steps."""
+        self._check_signals(signals)
+        if self.card.mode != "window":
+            raise ValueError("this model scores whole cycles; train with --mode window to score streams")
+        window, default_hop = self.card.window, self.card.hop
+        if window is None or default_hop is None:
+            raise ValueError("window-mode model without window/hop in model.json")
+        return cut_windows(self.card.scaler.transform(signals), window, hop or default_hop)
+
+    def _check_signals(self, signals: NDArray[np.floating[Any]]) -> None:
+        if signals.ndim != 2 or signals.shape[1] != len(self.card.signals):
+            raise ValueError(
+                f"expected a (time, {len(self.card.signals)}) array of the model's signals, "
+                f"got shape {signals.shape}"
+            )
+
+    def _batches(self, windows: Sequence[NDArray[np.float32]] | NDArray[np.float32]) -> list[torch.Tensor]:
+        arr = np.asarray(windows, dtype=np.float32)
+        expected = (len(self.card.signals), self.card.time_steps)
+        if arr.ndim != 3 or arr.shape[1:] != expected:
+            raise ValueError(
+                f"expected windows of shape (batch, {expected[0]}, {expected[1]}), got {arr.shape}"
+            )
+        tensor = torch.from_numpy(arr)
+        return [tensor[i : i + self.max_batch] for i in range(0, len(tensor), self.max_batch)]
+
+    @torch.no_grad()
+    def score(self, windows: Sequence[NDArray[np.float32]] | NDArray[np.float32]) -> Scores:
+        """Scores of prepared windows (B, S, T), from any mix of robots, in micro-batches."""
+        parts = []
+        for batch in self._batches(windows):
+            with autocast(self.device, self.bf16):
+                parts.append(self.flow.score(batch.to(self.device, non_blocking=True)).float().cpu())
+        raw = torch.cat(parts).double().numpy() if parts else np.zeros(0)
+        normalized = np.asarray(self.card.threshold.normalize(raw), dtype=np.float64)
+        return Scores(raw=raw, normalized=normalized, is_anomaly=raw > self.card.threshold.value)
+
+    def localize(
+        self, windows: Sequence[NDArray[np.float32]] | NDArray[np.float32], top: int = 5
+    ) -> Localization:
+        """Temporal analysis (Eq. 8.6) and the top contributing signals of each window."""
+        grads = []
+        for batch in self._batches(windows):
+            grads.append(self.flow.localize(batch.to(self.device)).double().cpu())
+        g = torch.cat(grads).numpy() if grads else np.zeros((0, len(self.card.signals), self.card.time_steps))
+        per_time = g.sum(axis=1)
+        per_signal = g.sum(axis=2)
+        shares = per_signal / np.maximum(per_signal.sum(axis=1, keepdims=True), 1e-300)
+        order = np.argsort(-shares, axis=1)[:, :top]
+        tops = [[(self.card.signals[j], float(shares[i, j])) for j in row] for i, row in enumerate(order)]
+        return Localization(per_time=per_time, per_signal=per_signal, top_signals=tops)

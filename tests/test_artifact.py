@@ -1,0 +1,129 @@
+"""Model artifacts: safetensors + JSON, round trip, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.artifact import ModelCard, ModelFormatError, Threshold, load_model, save_model
+from flows.mvtflow import MVTFlow, MVTFlowConfig
+from flows.preprocess import Standardizer
+from flows.scorer import Scorer
+
+SIGNALS = tuple(f"s{i}" for i in range(6))
+
+
+def make(tmp_path: Path, mode: str = "cycle") -> tuple[Path, MVTFlow, ModelCard]:
+    torch.manual_seed(1)
+    flow = MVTFlow(MVTFlowConfig(signals=6, time_steps=32)).eval()
+    card = ModelCard(
+        signals=SIGNALS,
+        rate_hz=100.0,
+        mode=mode,  # type: ignore[arg-type]
+        time_steps=32,
+        window=32 if mode == "window" else None,
+        hop=8 if mode == "window" else None,
+        scaler=Standardizer(mean=np.arange(6.0), std=np.full(6, 2.0)),
+        threshold=Threshold(
+            value=50.0, reference=10.0, target_fpr=0.01, calibration_fpr=0.0, calibration_windows=20
+        ),
+        architecture=flow.config,
+        training={"data_fingerprint": "abc"},
+    )
+    path = tmp_path / "model"
+    save_model(path, flow, card)
+    return path, flow, card
+
+
+def test_round_trip_scores_identically(tmp_path: Path) -> None:
+    path, flow, card = make(tmp_path)
+    loaded = load_model(path, expect_signals=SIGNALS, expect_rate_hz=100.0)
+    assert loaded.card == card
+    x = torch.randn(4, 6, 32)
+    with torch.no_grad():
+        assert torch.equal(flow.score(x), loaded.flow.score(x))
+    assert sorted(p.name for p in path.iterdir()) == ["model.json", "weights.safetensors"]
+    assert set(load_file(str(path / "weights.safetensors"))) == set(flow.state_dict())  # plain tensors
+    meta = json.loads((path / "model.json").read_text())
+    for key in (
+        "format_version",
+        "signals",
+        "rate_hz",
+        "mode",
+        "time_steps",
+        "scaler",
+        "threshold",
+        "architecture",
+    ):
+        assert key in meta
+
+
+def test_scorer_normalizes_so_the_threshold_is_one(tmp_path: Path) -> None:
+    path, _, card = make(tmp_path)
+    scorer = Scorer(load_model(path), device="cpu")
+    raw = np.array([10.0, 50.0, 90.0])
+    assert np.allclose(card.threshold.normalize(raw), [0.0, 1.0, 2.0])
+    cycle = np.random.default_rng(0).normal(size=(40, 6)) * 2 + np.arange(6.0)  # longer than T: truncated
+    prepared = scorer.prepare_cycle(cycle)
+    assert prepared.shape == (6, 32)
+    assert np.allclose(prepared[:, 0], (cycle[0] - np.arange(6.0)) / 2.0, atol=1e-6)
+    short = scorer.prepare_cycle(cycle[:10])
+    assert np.all(short[:, 10:] == 0)  # zero-padded after standardization
+    result = scorer.score(np.stack([prepared, short]))
+    assert np.allclose(result.normalized, (result.raw - 10.0) / 40.0)
+    assert np.array_equal(result.is_anomaly, result.raw > 50.0)
+
+
+def test_refuses_a_different_signal_list_rate_or_version(tmp_path: Path) -> None:
+    path, _, _ = make(tmp_path)
+    with pytest.raises(ModelFormatError, match=r"missing from the data: \['s5'\]"):
+        load_model(path, expect_signals=SIGNALS[:5])
+    with pytest.raises(ModelFormatError, match="different order"):
+        load_model(path, expect_signals=tuple(reversed(SIGNALS)))
+    with pytest.raises(ModelFormatError, match="trained at 100 Hz, data is 500 Hz"):
+        load_model(path, expect_rate_hz=500.0)
+    meta = json.loads((path / "model.json").read_text())
+    meta["format_version"] = 99
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match="format_version is 99"):
+        load_model(path)
+
+
+def test_refuses_incomplete_or_mismatched_files(tmp_path: Path) -> None:
+    path, _, _ = make(tmp_path)
+    meta = json.loads((path / "model.json").read_text())
+    del meta["scaler"]
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match="incomplete or invalid"):
+        load_model(path)
+    path2, _, _ = make(tmp_path / "b")
+    meta = json.loads((path2 / "model.json").read_text())
+    meta["architecture"]["hidden_scale"] = 3  # weights no longer fit
+    (path2 / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match=r"weight .* has shape"):
+        load_model(path2)
+    (path2 / "weights.safetensors").unlink()
+    with pytest.raises(ModelFormatError, match=r"weights\.safetensors is missing"):
+        load_model(path2)
+
+
+def test_window_mode_cuts_a_stream(tmp_path: Path) -> None:
+    path, _, _ = make(tmp_path, mode="window")
+    scorer = Scorer(load_model(path), device="cpu")
+    stream = np.random.default_rng(1).normal(size=(100, 6))
+    windows = scorer.prepare_stream(stream)
+    assert windows.shape == (len(range(0, 100 - 32 + 1, 8)), 6, 32)
+    # micro-batching: any mix of windows scores the same as one at a time
+    together = scorer.score(windows).raw
+    alone = np.array([scorer.score(w[None]).raw[0] for w in windows])
+    assert np.allclose(together, alone, rtol=1e-5)
+    loc = scorer.localize(windows[:2], top=3)
+    assert loc.per_time.shape == (2, 32)
+    assert loc.per_signal.shape == (2, 6)
+    assert len(loc.top_signals[0]) == 3
+    assert loc.top_signals[0][0][1] >= loc.top_signals[0][1][1]
