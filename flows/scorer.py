@@ -39,12 +39,16 @@ class Localization:
 
 class Scorer:
     def __init__(
-        self, model: LoadedModel, *, device: str = "auto", bf16: bool = False, max_batch: int = 256
+        self, model: LoadedModel, *, device: str = "auto", bf16: bool = False, max_batch: int | None = None
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        """`max_batch` defaults to 256 on a GPU and 32 on a CPU, where bigger batches are memory-bound
+        and slower per window (see benchmarks/mvtflow_inference.py)."""
         self.card = model.card
         self.device = resolve_device(device)
+        if max_batch is None:
+            max_batch = 256 if self.device.type == "cuda" else 32
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.flow = model.flow.to(self.device).eval()
         self.bf16 = bf16
         self.max_batch = max_batch

@@ -159,3 +159,15 @@ def test_bad_arguments_are_clear_errors(
     assert "does not exist" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(cell), "--model", str(tmp_path / "none")]) == 2
     assert "model.json is missing" in capsys.readouterr().err
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's main job, shrunk: simulate, inspect, train, evaluate with baselines."""
+    work = tmp_path / "demo"
+    assert main(["demo", "--dir", str(work), "--scale", "0.03", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert (work / "cell.parquet").is_file()
+    assert (work / "model" / "model.json").is_file()
+    assert "AUROC % per category" in out
+    assert "1-NN" in out
+    assert "PCA" in out
