@@ -21,12 +21,12 @@ def add_parser(sub: Any) -> None:
         help="main job on embedded defaults: simulate a small cell, train MVT-Flow, evaluate it",
         description=(
             "Simulate a small pick-and-place cell (all 12 anomaly categories), inspect it, train a small "
-            "MVT-Flow (10 Hz, 25 epochs) and evaluate it next to the 1-NN and PCA baselines."
+            "MVT-Flow (20 Hz, 30 epochs) and evaluate it next to the 1-NN and PCA baselines."
         ),
     )
     p.add_argument("--dir", type=Path, default=Path("cellwatch-demo"), help="working directory")
-    p.add_argument("--scale", type=float, default=0.07, help="fraction of the paper-sized recording")
-    p.add_argument("--epochs", type=int, default=25, help="training epochs of the small model")
+    p.add_argument("--scale", type=float, default=0.1, help="fraction of the paper-sized recording")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs of the small model")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     parser = build_parser()
     steps = [
         (
-            "3. train a small MVT-Flow (10 Hz, all 130 signals)",
+            "3. train a small MVT-Flow (20 Hz, all 130 signals)",
             [
                 "train",
                 "--data",
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                 "--out",
                 str(model),
                 "--rate-divider",
-                "10",
+                "5",
                 "--epochs",
                 str(args.epochs),
                 "--milestones",
