@@ -1,0 +1,116 @@
+"""Real services for integration tests, started by the test session on private ports.
+
+Each server runs from a temporary directory, is polled for readiness (never slept on), and is stopped
+by its PID. Nothing here is a fake.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `condition()` until it is true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class InfluxServer:
+    """InfluxDB 1.x (Debian's influxd) on private ports with its data in `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.binary = shutil.which("influxd")
+        if self.binary is None:
+            raise RuntimeError("influxd is not installed (.ci/setup installs Debian's influxdb package)")
+        self.root = root
+        self.http_port = free_port()
+        self.rpc_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.config = root / "influxdb.conf"
+        root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            f"""reporting-disabled = true
+bind-address = "127.0.0.1:{self.rpc_port}"
+[meta]
+  dir = "{root}/meta"
+[data]
+  dir = "{root}/data"
+  wal-dir = "{root}/wal"
+  query-log-enabled = false
+[monitor]
+  store-enabled = false
+[http]
+  bind-address = "127.0.0.1:{self.http_port}"
+  log-enabled = false
+[logging]
+  level = "warn"
+"""
+        )
+
+    def ping(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=1) as response:
+                return bool(response.status == 204)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self) -> None:
+        assert self.binary is not None
+        log = (self.root / "influxd.log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "run", "-config", str(self.config)], stdout=log, stderr=log
+        )
+        log.close()
+        wait_until(
+            lambda: self.ping() or self.proc is None or self.proc.poll() is not None, 30, "influxd /ping"
+        )
+        if not self.ping():
+            raise RuntimeError(f"influxd did not start: see {self.root / 'influxd.log'}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        wait_until(lambda: not self.ping(), 10, "influxd to stop answering")
+
+    def query(self, q: str, db: str | None = None) -> dict[str, Any]:
+        import json
+
+        params = {"q": q, "epoch": "ns"}
+        if db:
+            params["db"] = db
+        url = f"{self.url}/query?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return dict(json.loads(response.read()))
+
+    def series(self, q: str, db: str) -> list[list[Any]]:
+        """Rows of the first series a query returns ([] when there are none)."""
+        result = self.query(q, db)["results"][0]
+        if "error" in result:
+            raise RuntimeError(result["error"])
+        series = result.get("series") or [{"values": []}]
+        return list(series[0]["values"])
