@@ -1,0 +1,239 @@
+"""The daemon's configuration: one YAML file, validated at start-up with typed models.
+
+A bad config fails before anything starts, with the field path and the bad value, e.g.
+``sources[0].speed: must be greater than 0 (got -1)``. Secrets (InfluxDB password or token, broker
+passwords) are never written in the file itself: they come from a file (``*_file``, e.g. a systemd
+credential under $CREDENTIALS_DIRECTORY) or an environment variable (``*_env``), and are kept as
+``SecretStr`` so they never show in logs or error messages.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+MAX_CONFIG_BYTES = 1 * 2**20
+MAX_SECRET_BYTES = 64 * 2**10
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Strict):
+    """Where a secret comes from: a file (e.g. a systemd credential) or an environment variable."""
+
+    file: Path | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("give exactly one of 'file' or 'env'")
+        return self
+
+    def resolve(self) -> SecretStr:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"environment variable {self.env} (a secret) is not set")
+            return SecretStr(value)
+        assert self.file is not None
+        path = self.file
+        if not path.is_absolute() and "CREDENTIALS_DIRECTORY" in os.environ:
+            path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / path  # systemd LoadCredential=
+        try:
+            if path.stat().st_size > MAX_SECRET_BYTES:
+                raise ConfigError(f"secret file {path} is larger than {MAX_SECRET_BYTES} bytes")
+            return SecretStr(path.read_text().strip())
+        except OSError as err:
+            raise ConfigError(f"cannot read secret file {path}: {err.strerror}") from None
+
+
+class VorausReplaySource(_Strict):
+    type: Literal["voraus_replay"]
+    robot: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: Path
+    speed: float = Field(
+        default=1.0, gt=0, description="real-time factor; a large number replays at full speed"
+    )
+    test_split_only: bool = Field(
+        default=True, description="replay only test cycles (not PRE_A training cycles)"
+    )
+
+
+Source = Annotated[VorausReplaySource, Field(discriminator="type")]
+
+
+class ModelConfig(_Strict):
+    path: Path
+
+
+class ScoringConfig(_Strict):
+    mode: Literal["cycle", "window"] = "cycle"
+    batch: int = Field(default=32, ge=1, le=4096)
+    max_wait_ms: int = Field(default=50, ge=0, le=60_000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False
+
+
+class InfluxConfig(_Strict):
+    url: str = Field(pattern=r"^https?://")
+    api: Literal["v1", "v2"] = "v1"
+    database: str = "cellwatch"
+    retention_policy: str | None = None
+    username: str | None = None
+    password: SecretRef | None = None
+    org: str | None = None
+    bucket: str | None = None
+    token: SecretRef | None = None
+    batch_points: int = Field(default=5000, ge=1, le=100_000)
+    spool_dir: Path = Path("spool")
+    spool_max_mb: int = Field(default=256, ge=1, le=1_000_000)
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _v2_needs(self) -> InfluxConfig:
+        if self.api == "v2" and not (self.org and self.bucket and self.token):
+            raise ValueError("api v2 needs org, bucket and token")
+        return self
+
+
+class FileSinkConfig(_Strict):
+    path: Path = Path("scores.jsonl")
+
+
+class SinksConfig(_Strict):
+    influxdb: InfluxConfig | None = None
+    file: FileSinkConfig | None = None
+
+    @model_validator(mode="after")
+    def _default_file(self) -> SinksConfig:
+        if self.influxdb is None and self.file is None:
+            # embedded default: with no database configured, scores go to a local file
+            object.__setattr__(self, "file", FileSinkConfig())
+        return self
+
+
+class AlertConfig(_Strict):
+    k: int = Field(default=2, ge=1, description="windows over the threshold ...")
+    n: int = Field(default=3, ge=1, description="... out of the last n windows open an alert")
+    min_duration_s: float = Field(default=0.0, ge=0)
+    cooldown_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> AlertConfig:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
+        return self
+
+
+class MetricsConfig(_Strict):
+    listen: str | None = Field(default="127.0.0.1:9108", pattern=r"^[^:\s]+:\d{1,5}$")
+
+
+class Config(_Strict):
+    sources: list[Source] = Field(min_length=1)
+    model: ModelConfig
+    scoring: ScoringConfig = ScoringConfig()
+    sinks: SinksConfig = SinksConfig()
+    alerts: AlertConfig = AlertConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    state_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _unique_robots(self) -> Config:
+        robots = [s.robot for s in self.sources]
+        duplicates = sorted({r for r in robots if robots.count(r) > 1})
+        if duplicates:
+            raise ValueError(f"robot ids must be unique, repeated: {duplicates}")
+        return self
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("voraus_replay",):  # discriminator tags pydantic inserts into the path
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        where = _location(tuple(e["loc"]))
+        message = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        secret = any(str(p) in ("password", "token") for p in e["loc"])
+        shown = "" if secret or isinstance(value, dict | list) else f" (got {value!r})"
+        lines.append(f"{where}: {message}{shown}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, *, origin: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{origin}: {_describe(err)}") from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a YAML config (bounded size, safe loader)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    config = parse_config(data, origin=str(path))
+    # resolve relative paths against the config's own directory, as a user would expect
+    base = path.parent.resolve()
+    return _rebase(config, base)
+
+
+def _rebase(config: Config, base: Path) -> Config:
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else base / p
+
+    sources = [s.model_copy(update={"path": fix(s.path)}) for s in config.sources]
+    sinks = config.sinks
+    updates: dict[str, Any] = {}
+    if sinks.file is not None:
+        updates["file"] = sinks.file.model_copy(update={"path": fix(sinks.file.path)})
+    if sinks.influxdb is not None:
+        updates["influxdb"] = sinks.influxdb.model_copy(update={"spool_dir": fix(sinks.influxdb.spool_dir)})
+    return config.model_copy(
+        update={
+            "sources": sources,
+            "model": config.model.model_copy(update={"path": fix(config.model.path)}),
+            "sinks": sinks.model_copy(update=updates),
+            "state_dir": fix(config.state_dir),
+        }
+    )
+
+
+def resolve_secrets(influx: InfluxConfig) -> tuple[SecretStr | None, SecretStr | None]:
+    """(password, token) of the InfluxDB sink, read from their files or environment variables."""
+    return (
+        influx.password.resolve() if influx.password else None,
+        influx.token.resolve() if influx.token else None,
+    )
