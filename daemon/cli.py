@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "synth": "daemon.commands.synth",
     "train": "daemon.commands.train",
     "evaluate": "daemon.commands.evaluate",
+    "run": "daemon.commands.run",
     "demo": "daemon.commands.demo",
 }
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         module.add_parser(sub)
-        assert name in sub.choices, f"{module_name} did not register {name!r}"
+        assert name in sub.choices, f"{module_name} did not register {name!r}"  # may register more
     return parser
 
 

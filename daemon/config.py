@@ -10,6 +10,7 @@ credential under $CREDENTIALS_DIRECTORY) or an environment variable (``*_env``),
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -67,6 +68,9 @@ class VorausReplaySource(_Strict):
     )
     test_split_only: bool = Field(
         default=True, description="replay only test cycles (not PRE_A training cycles)"
+    )
+    start: datetime | None = Field(
+        default=None, description="timestamp of the recording's start; default: the file's modification time"
     )
 
 

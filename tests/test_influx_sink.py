@@ -10,7 +10,6 @@ import asyncio
 import struct
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from daemon.sinks.lineprotocol import LineProtocolError, Point, encode, encode_b
 from daemon.sinks.spool import Spool, SpoolFull
 
 T0 = 1_700_000_000_000_000_000
-
-
-@pytest.fixture(scope="module")
-def influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
-    server = InfluxServer(tmp_path_factory.mktemp("influxdb"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def create_db(server: InfluxServer, name: str) -> None:

@@ -1,0 +1,213 @@
+"""The streaming pipeline: sources → per-robot windowing → micro-batched scorer → sinks.
+
+Queues are bounded, so a slow scorer or sink makes the sources wait (backpressure) instead of growing
+memory. Inference runs in a worker thread, off the event loop, on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from daemon.sinks.lineprotocol import Point
+from flows.scorer import Scorer
+from ingest.voraus.reader import Cycle
+
+log = logging.getLogger("cellwatch.pipeline")
+MEASUREMENT = "anomaly_score"
+
+
+@dataclass
+class Window:
+    robot: str
+    cycle: int
+    time_ns: int  # timestamp of the window's last sample (from the data)
+    signals: np.ndarray  # (T, S) raw
+    category: str = ""
+    anomaly: bool | None = None
+
+
+@dataclass
+class Scored:
+    window: Window
+    score: float
+    normalized: float
+    is_anomaly: bool
+
+
+class Sink(Protocol):
+    async def write(self, points: Sequence[Point]) -> None: ...
+    async def close(self, drain_timeout_s: float = 10.0) -> bool: ...
+
+
+class FileSink:
+    """JSON lines, one per scored window: the embedded default that needs no infrastructure."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fh = path.open("a", encoding="utf-8")
+
+    async def write(self, points: Sequence[Point]) -> None:
+        lines = "".join(
+            json.dumps({"measurement": p.measurement, "time_ns": p.time_ns, **p.tags, **p.fields}) + "\n"
+            for p in points
+        )
+        await asyncio.to_thread(self._write, lines)
+
+    def _write(self, text: str) -> None:
+        self._fh.write(text)
+        self._fh.flush()
+
+    async def close(self, drain_timeout_s: float = 10.0) -> bool:
+        self._fh.close()
+        return True
+
+
+@dataclass
+class PipelineStats:
+    cycles_in: int = 0
+    windows_scored: int = 0
+    anomalies: int = 0
+    batches: int = 0
+    inference_seconds: float = 0.0
+    results: list[Scored] = field(default_factory=list)
+
+
+def to_point(result: Scored, model: str, mode: str, threshold: float) -> Point:
+    return Point(
+        MEASUREMENT,
+        {
+            "score": float(result.score),
+            "normalized_score": float(result.normalized),
+            "threshold": float(threshold),
+            "is_anomaly": bool(result.is_anomaly),
+            "cycle": int(result.window.cycle),
+        },
+        result.window.time_ns,
+        {"robot": result.window.robot, "model": model, "mode": mode},
+    )
+
+
+class Pipeline:
+    def __init__(
+        self,
+        sources: Sequence[Any],
+        scorer: Scorer,
+        sinks: Sequence[Sink],
+        *,
+        model_name: str,
+        start_ns: dict[str, int],
+        batch: int = 32,
+        max_wait_ms: int = 50,
+        queue_size: int = 256,
+        keep_results: bool = False,
+    ) -> None:
+        self.sources = list(sources)
+        self.scorer = scorer
+        self.sinks = list(sinks)
+        self.model_name = model_name
+        self.start_ns = start_ns
+        self.batch = batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.queue: asyncio.Queue[Window | None] = asyncio.Queue(maxsize=queue_size)
+        self.stats = PipelineStats()
+        self.keep_results = keep_results
+
+    async def _produce(self, source: Any) -> None:
+        clock_ns = self.start_ns[source.robot]
+        async for cycle in source.cycles():
+            self.stats.cycles_in += 1
+            clock_ns += round(cycle.duration_s * 1e9)
+            for window in self._windows(source.robot, cycle, clock_ns):
+                await self.queue.put(window)  # waits when full: backpressure
+
+    def _windows(self, robot: str, cycle: Cycle, end_ns: int) -> list[Window]:
+        card = self.scorer.card
+        divider = int(card.training.get("rate_divider", 1))
+        signals = cycle.signals[::divider] if divider > 1 else cycle.signals
+        category, anomaly = cycle.category_name, cycle.anomaly
+        if card.mode == "cycle" or card.window is None or card.hop is None:
+            return [Window(robot, cycle.sample, end_ns, signals, category, anomaly)]
+        dt_ns = round(1e9 / card.rate_hz)
+        out = []
+        for start in range(0, len(signals) - card.window + 1, card.hop):
+            stop = start + card.window
+            time_ns = end_ns - (len(signals) - stop) * dt_ns
+            out.append(Window(robot, cycle.sample, time_ns, signals[start:stop], category, anomaly))
+        return out
+
+    async def _next_batch(self) -> tuple[list[Window], bool]:
+        first = await self.queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.batch:
+            timeout = deadline - loop.time()
+            try:
+                item = (
+                    self.queue.get_nowait()
+                    if timeout <= 0
+                    else await asyncio.wait_for(self.queue.get(), timeout)
+                )
+            except (TimeoutError, asyncio.QueueEmpty):
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _score(self, windows: list[Window]) -> list[Scored]:
+        started = time.perf_counter()
+        prepared = np.stack([self.scorer.prepare_cycle(w.signals) for w in windows])
+        scores = self.scorer.score(prepared)
+        self.stats.inference_seconds += time.perf_counter() - started
+        return [
+            Scored(w, float(scores.raw[i]), float(scores.normalized[i]), bool(scores.is_anomaly[i]))
+            for i, w in enumerate(windows)
+        ]
+
+    async def _consume(self) -> None:
+        card = self.scorer.card
+        while True:
+            windows, done = await self._next_batch()
+            if windows:
+                results = await asyncio.to_thread(self._score, windows)  # off the event loop
+                self.stats.batches += 1
+                self.stats.windows_scored += len(results)
+                self.stats.anomalies += sum(r.is_anomaly for r in results)
+                if self.keep_results:
+                    self.stats.results.extend(results)
+                points = [to_point(r, self.model_name, card.mode, card.threshold.value) for r in results]
+                for sink in self.sinks:
+                    await sink.write(points)
+            if done:
+                return
+
+    async def run(self) -> PipelineStats:
+        consumer = asyncio.create_task(self._consume(), name="scorer")
+        try:
+            async with asyncio.TaskGroup() as group:
+                for source in self.sources:
+                    group.create_task(self._produce(source), name=f"source-{source.robot}")
+            await self.queue.put(None)
+            await consumer
+        except BaseException:
+            consumer.cancel()
+            raise
+        finally:
+            for sink in self.sinks:
+                await sink.close()
+            for source in self.sources:
+                source.close()
+        return self.stats
