@@ -128,10 +128,10 @@ class SinksConfig(_Strict):
 
 
 class AlertConfig(_Strict):
-    k: int = Field(default=2, ge=1, description="windows over the threshold ...")
-    n: int = Field(default=3, ge=1, description="... out of the last n windows open an alert")
+    k: int = Field(default=1, ge=1, description="windows over the threshold ...")
+    n: int = Field(default=1, ge=1, description="... out of the last n windows open an alert")
     min_duration_s: float = Field(default=0.0, ge=0)
-    cooldown_s: float = Field(default=30.0, ge=0)
+    cooldown_s: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _k_le_n(self) -> AlertConfig:

@@ -17,12 +17,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from daemon.alerts import Alert, AlertTracker
 from daemon.sinks.lineprotocol import Point
 from flows.scorer import Scorer
 from ingest.voraus.reader import Cycle
 
 log = logging.getLogger("cellwatch.pipeline")
 MEASUREMENT = "anomaly_score"
+ALERT_MEASUREMENT = "alert"
 
 
 @dataclass
@@ -80,6 +82,31 @@ class PipelineStats:
     batches: int = 0
     inference_seconds: float = 0.0
     results: list[Scored] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+
+
+def alert_point(alert: Alert, model: str) -> Point:
+    """An alert as an event: time = start; end, peak, event time (localization) and top signals as fields."""
+    end = alert.end_ns if alert.end_ns is not None else alert.peak_time_ns
+    top = ", ".join(f"{name} {share:.0%}" for name, share in alert.top_signals)
+    return Point(
+        ALERT_MEASUREMENT,
+        {
+            "end_ns": int(end),
+            "duration_s": (end - alert.start_ns) / 1e9,
+            "peak_score": float(alert.peak_score),
+            "peak_cycle": int(alert.peak_cycle),
+            "event_time_ns": int(
+                alert.event_time_ns if alert.event_time_ns is not None else alert.peak_time_ns
+            ),
+            "windows": int(alert.windows),
+            "cycles": ",".join(str(c) for c in alert.cycles),
+            "top_signals": top,
+            "text": f"{alert.robot}: anomaly score {alert.peak_score:.2f}x threshold; top signals: {top}",
+        },
+        alert.start_ns,
+        {"robot": alert.robot, "model": model},
+    )
 
 
 def to_point(result: Scored, model: str, mode: str, threshold: float) -> Point:
@@ -110,6 +137,7 @@ class Pipeline:
         max_wait_ms: int = 50,
         queue_size: int = 256,
         keep_results: bool = False,
+        alerts: dict[str, Any] | None = None,
     ) -> None:
         self.sources = list(sources)
         self.scorer = scorer
@@ -121,6 +149,10 @@ class Pipeline:
         self.queue: asyncio.Queue[Window | None] = asyncio.Queue(maxsize=queue_size)
         self.stats = PipelineStats()
         self.keep_results = keep_results
+        self.trackers = {
+            source.robot: AlertTracker(source.robot, **(alerts or {})) for source in self.sources
+        }
+        self.last_time: dict[str, int] = {}
 
     async def _produce(self, source: Any) -> None:
         clock_ns = self.start_ns[source.robot]
@@ -189,10 +221,45 @@ class Pipeline:
                 if self.keep_results:
                     self.stats.results.extend(results)
                 points = [to_point(r, self.model_name, card.mode, card.threshold.value) for r in results]
+                closed: list[Alert] = []
+                for r in results:
+                    w = r.window
+                    self.last_time[w.robot] = w.time_ns
+                    closed += self.trackers[w.robot].update(w.time_ns, r.normalized, r.is_anomaly, w.cycle, w)
+                if done:
+                    for robot, tracker in self.trackers.items():
+                        closed += tracker.finish(self.last_time.get(robot, 0))
+                points += await asyncio.to_thread(self._explain, closed)
                 for sink in self.sinks:
                     await sink.write(points)
+            elif done:
+                closed = []
+                for robot, tracker in self.trackers.items():
+                    closed += tracker.finish(self.last_time.get(robot, 0))
+                points = await asyncio.to_thread(self._explain, closed)
+                if points:
+                    for sink in self.sinks:
+                        await sink.write(points)
             if done:
                 return
+
+    def _explain(self, alerts: list[Alert]) -> list[Point]:
+        """Localize each alert's peak window: event time (Eq. 8.6 peak) and top signals."""
+        card = self.scorer.card
+        dt_ns = round(1e9 / card.rate_hz)
+        for alert in alerts:
+            window = alert.peak_window
+            if isinstance(window, Window):
+                loc = self.scorer.localize(self.scorer.prepare_cycle(window.signals)[None], top=3)
+                steps = min(len(window.signals), card.time_steps)
+                peak = int(np.argmax(loc.per_time[0][:steps]))
+                first_ns = window.time_ns - (len(window.signals) - 1) * dt_ns
+                alert.event_time_ns = first_ns + peak * dt_ns
+                alert.event_in_window_s = peak * dt_ns / 1e9
+                alert.top_signals = loc.top_signals[0]
+            alert.peak_window = None  # do not keep the raw data around
+            self.stats.alerts.append(alert)
+        return [alert_point(a, self.model_name) for a in alerts]
 
     async def run(self) -> PipelineStats:
         consumer = asyncio.create_task(self._consume(), name="scorer")

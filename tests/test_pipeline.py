@@ -80,8 +80,27 @@ def test_replay_lands_one_score_per_cycle_in_influxdb(
     assert times == sorted(times)
     assert len(set(times)) == len(times)
 
+    # alerts (defaults: every over-threshold window opens one; hysteresis keeps consecutive ones together)
+    alerts = influx.series(
+        'SELECT "cycles", "peak_score", "event_time_ns", "end_ns", "top_signals" FROM "alert"', "replay"
+    )
+    flagged = [r[4] for r in rows if r[3]]
+    assert flagged, "the tiny model flags some cycles"
+    assert sorted(int(c) for a in alerts for c in a[1].split(",")) == flagged  # every flagged cycle, once
+    point_time = {r[4]: r[0] for r in rows}
+    for start, cycles, peak, event_ns, end_ns, top in alerts:
+        first = int(cycles.split(",")[0])
+        assert start == point_time[first]
+        assert end_ns >= start
+        assert peak >= 1.0  # normalized: the threshold is 1
+        assert len(top.split(", ")) == 3
+        # the localized event lies inside one of the alert's cycles (at most ~13 s before its end)
+        assert start - 14e9 <= event_ns <= end_ns
+
     lines = [json.loads(x) for x in (tmp_path / "scores.jsonl").read_text().splitlines()]
-    assert [x["cycle"] for x in lines] == [r[4] for r in rows]  # the local file holds the same series
+    assert [x["cycle"] for x in lines if x["measurement"] == "anomaly_score"] == [
+        r[4] for r in rows
+    ]  # the local file holds the same series
 
     # timestamps come from the data: replaying again rewrites the same points instead of adding new ones
     assert main(["run", "--config", str(path)]) == 0
@@ -93,9 +112,9 @@ def test_replay_shortcut_writes_the_local_file_by_default(setup: tuple[Path, Pat
     out = tmp_path / "out.jsonl"
     assert main(["replay", str(cell), "--model", str(model), "--speed", "1e6", "--out", str(out)]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(lines) == sum(1 for _ in lines)
-    assert lines
-    assert {"score", "normalized_score", "threshold", "is_anomaly", "cycle", "robot"} <= set(lines[0])
+    scores = [x for x in lines if x["measurement"] == "anomaly_score"]
+    assert len(scores) == 36  # the test cycles of the 60-cycle plan
+    assert {"score", "normalized_score", "threshold", "is_anomaly", "cycle", "robot"} <= set(scores[0])
 
 
 def test_bad_config_fails_at_start_naming_field_and_value(

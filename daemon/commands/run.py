@@ -131,6 +131,7 @@ def execute(config: Any) -> int:
         start_ns=start_ns,
         batch=config.scoring.batch,
         max_wait_ms=config.scoring.max_wait_ms,
+        alerts=config.alerts.model_dump(),
     )
 
     async def main() -> Any:
@@ -143,6 +144,28 @@ def execute(config: Any) -> int:
     console.print(
         f"scored {stats.windows_scored} windows from {stats.cycles_in} cycles of {len(sources)} robot(s): "
         f"{stats.anomalies} over the threshold; inference {stats.inference_seconds:.1f} s "
-        f"in {stats.batches} batches"
+        f"in {stats.batches} batches; {len(stats.alerts)} alerts"
     )
+    if stats.alerts:
+        from rich.table import Table
+
+        table = Table(title="alerts (first 10)")
+        for col in (
+            "robot",
+            "cycles",
+            "peak (threshold = 1)",
+            "event (peak cycle, time in it)",
+            "top signals",
+        ):
+            table.add_column(col)
+        for alert in stats.alerts[:10]:
+            offset = f"{alert.event_in_window_s:.2f} s" if alert.event_in_window_s is not None else "?"
+            table.add_row(
+                alert.robot,
+                ",".join(map(str, alert.cycles[:5])),
+                f"{alert.peak_score:.2f}",
+                f"cycle {alert.peak_cycle} at {offset}",
+                ", ".join(f"{n} {s:.0%}" for n, s in alert.top_signals),
+            )
+        console.print(table)
     return 0
