@@ -152,6 +152,7 @@ class Config(_Strict):
     alerts: AlertConfig = AlertConfig()
     metrics: MetricsConfig = MetricsConfig()
     state_dir: Path = Path(".")
+    stop_drain_s: float = Field(default=20.0, gt=0, le=600, description="bounded drain on SIGTERM")
 
     @model_validator(mode="after")
     def _unique_robots(self) -> Config:

@@ -261,12 +261,30 @@ class Pipeline:
             self.stats.alerts.append(alert)
         return [alert_point(a, self.model_name) for a in alerts]
 
-    async def run(self) -> PipelineStats:
+    def moving(self, last_scored: int) -> bool:
+        """For the watchdog: windows were scored since `last_scored`, or nothing is waiting to be."""
+        return self.stats.windows_scored != last_scored or self.queue.empty()
+
+    def request_stop(self) -> None:
+        """Graceful stop: sources stop reading; what is queued is still scored and written."""
+        for task in self._producers:
+            task.cancel()
+
+    async def run(self, drain_timeout_s: float = 10.0) -> PipelineStats:
         consumer = asyncio.create_task(self._consume(), name="scorer")
+        self._producers = [
+            asyncio.create_task(self._produce(source), name=f"source-{source.robot}")
+            for source in self.sources
+        ]
         try:
-            async with asyncio.TaskGroup() as group:
-                for source in self.sources:
-                    group.create_task(self._produce(source), name=f"source-{source.robot}")
+            outcomes = await asyncio.gather(*self._producers, return_exceptions=True)
+            errors = [
+                o
+                for o in outcomes
+                if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)
+            ]
+            if errors:
+                raise errors[0]
             await self.queue.put(None)
             await consumer
         except BaseException:
@@ -274,7 +292,7 @@ class Pipeline:
             raise
         finally:
             for sink in self.sinks:
-                await sink.close()
+                await sink.close(drain_timeout_s=drain_timeout_s)
             for source in self.sources:
                 source.close()
         return self.stats

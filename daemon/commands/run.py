@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 from daemon.cli_support import UsageError, console
+
+log = logging.getLogger("cellwatch.run")
 
 
 def add_parser(sub: Any) -> None:
@@ -135,10 +138,60 @@ def execute(config: Any) -> int:
     )
 
     async def main() -> Any:
+        import signal
+
+        from daemon.notify import Notifier
+
+        notifier = Notifier()
+        loop = asyncio.get_running_loop()
         for sink in sinks:
             if isinstance(sink, InfluxSink):
                 await sink.start()
-        return await pipeline.run()
+        run_task = asyncio.create_task(pipeline.run(drain_timeout_s=config.stop_drain_s), name="pipeline")
+
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            log.info("stopping: draining queued windows and the spool (up to %s s)", config.stop_drain_s)
+            if not stopping:
+                stopping = True
+                notifier.stopping()
+            pipeline.request_stop()
+
+        def reload() -> None:
+            notifier.reloading()
+            try:
+                fresh = load_model(config.model.path, expect_signals=model.card.signals)
+                pipeline.scorer = Scorer(fresh, device=config.scoring.device, bf16=config.scoring.bf16)
+                log.info("reloaded model %s", config.model.path)
+            except (ModelFormatError, ValueError) as err:
+                log.error("reload failed, keeping the running model: %s", err)
+            notifier.ready()
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGINT, stop)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        notifier.ready(status=f"scoring {len(sources)} source(s) with {Path(config.model.path).name}")
+
+        async def watchdog() -> None:
+            assert notifier.watchdog_interval_s is not None
+            last = -1
+            while True:
+                if pipeline.moving(last):
+                    notifier.watchdog()
+                last = pipeline.stats.windows_scored
+                await asyncio.sleep(notifier.watchdog_interval_s)
+
+        dog = asyncio.create_task(watchdog()) if notifier.watchdog_interval_s else None
+        try:
+            return await run_task
+        finally:
+            if dog is not None:
+                dog.cancel()
+            if not stopping:
+                notifier.stopping()
+            notifier.close()
 
     stats = asyncio.run(main())
     console.print(
