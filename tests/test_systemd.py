@@ -15,11 +15,12 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from services import wait_until
+from services import free_port, wait_until
 
 from daemon.cli import main
 from daemon.notify import Notifier
@@ -147,7 +148,7 @@ def daemon_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def start_daemon(
-    tmp_path: Path, cell: Path, model: Path, speed: float
+    tmp_path: Path, cell: Path, model: Path, speed: float, metrics_port: int = 0
 ) -> tuple[subprocess.Popen[bytes], FakeNotifySocket]:
     config = tmp_path / "cellwatch.yaml"
     config.write_text(
@@ -157,6 +158,7 @@ def start_daemon(
                 "model": {"path": str(model)},
                 "scoring": {"batch": 4, "max_wait_ms": 5},
                 "sinks": {"file": {"path": str(tmp_path / "scores.jsonl")}},
+                "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
             }
         )
     )
@@ -197,11 +199,14 @@ def test_daemon_notifies_ready_watchdog_and_stopping(daemon_setup: tuple[Path, P
 
 def test_sigterm_drains_gracefully(daemon_setup: tuple[Path, Path], tmp_path: Path) -> None:
     cell, model = daemon_setup
-    proc, fake = start_daemon(tmp_path, cell, model, speed=20)  # would take ~20 s
+    port = free_port()
+    proc, fake = start_daemon(tmp_path, cell, model, speed=20, metrics_port=port)  # would take ~20 s
     scores = tmp_path / "scores.jsonl"
     try:
         wait_until(lambda: fake.count("READY=1") == 1, 60, "READY=1")
         wait_until(lambda: scores.exists() and scores.read_text().count("\n") >= 2, 60, "first scores")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)  # bounded drain
         stopping = fake.count("STOPPING=1")
@@ -212,6 +217,12 @@ def test_sigterm_drains_gracefully(daemon_setup: tuple[Path, Path], tmp_path: Pa
     written = scores.read_text().splitlines()
     assert 2 <= len(written) < 36  # stopped early, and what was scored was written
     assert all(line.endswith("}") for line in written)  # no torn line
+    # the Prometheus endpoint answered while the daemon ran
+    scored = re.search(r"^cellwatch_windows_scored_total (\S+)$", metrics, re.M)
+    assert scored is not None
+    assert float(scored.group(1)) >= 2
+    assert "# TYPE cellwatch_queue_depth gauge" in metrics
+    assert "cellwatch_inference_seconds_total" in metrics
 
 
 def test_notifier_never_blocks_when_nobody_reads(tmp_path: Path) -> None:
@@ -223,3 +234,19 @@ def test_notifier_never_blocks_when_nobody_reads(tmp_path: Path) -> None:
     assert results[-1] is False  # dropped and logged, the daemon goes on
     notifier.close()
     sink.close()
+
+
+def test_metrics_text_format() -> None:
+    from daemon.metrics import render
+
+    text = render(
+        [
+            ("cellwatch_windows_scored_total", "counter", {}, 12),
+            ("cellwatch_rejects_total", "counter", {"source": "arm-1", "reason": "nan"}, 3),
+            ("cellwatch_rejects_total", "counter", {"source": "arm-1", "reason": 'odd"one'}, 1),
+        ]
+    )
+    assert text.count("# TYPE cellwatch_rejects_total counter") == 1
+    assert "cellwatch_windows_scored_total 12\n" in text
+    assert 'cellwatch_rejects_total{reason="nan",source="arm-1"} 3\n' in text
+    assert 'reason="odd\\"one"' in text

@@ -66,6 +66,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
 def execute(config: Any) -> int:
     from daemon.config import ConfigError, resolve_secrets
+    from daemon.metrics import MetricsServer
     from daemon.pipeline import FileSink, Pipeline, Sink
     from daemon.sinks.influx import InfluxSink, InfluxTarget
     from flows.artifact import ModelFormatError, load_model
@@ -184,9 +185,19 @@ def execute(config: Any) -> int:
                 await asyncio.sleep(notifier.watchdog_interval_s)
 
         dog = asyncio.create_task(watchdog()) if notifier.watchdog_interval_s else None
+        metrics = None
+        if config.metrics.listen:
+            metrics = MetricsServer(config.metrics.listen, lambda: collect_metrics(pipeline, sources, sinks))
+            try:
+                await metrics.start()
+            except OSError as err:
+                log.error("metrics endpoint %s unavailable: %s", config.metrics.listen, err)
+                metrics = None
         try:
             return await run_task
         finally:
+            if metrics is not None:
+                await metrics.close()
             if dog is not None:
                 dog.cancel()
             if not stopping:
@@ -222,3 +233,31 @@ def execute(config: Any) -> int:
             )
         console.print(table)
     return 0
+
+
+def collect_metrics(
+    pipeline: Any, sources: list[Any], sinks: list[Any]
+) -> list[tuple[str, str, dict[str, str], float]]:
+    """Samples for the Prometheus endpoint, read from the live objects at scrape time."""
+    from daemon.sinks.influx import InfluxSink
+
+    stats = pipeline.stats
+    out: list[tuple[str, str, dict[str, str], float]] = [
+        ("cellwatch_cycles_in_total", "counter", {}, stats.cycles_in),
+        ("cellwatch_windows_scored_total", "counter", {}, stats.windows_scored),
+        ("cellwatch_anomalous_windows_total", "counter", {}, stats.anomalies),
+        ("cellwatch_alerts_total", "counter", {}, len(stats.alerts)),
+        ("cellwatch_queue_depth", "gauge", {}, pipeline.queue.qsize()),
+        ("cellwatch_inference_seconds_total", "counter", {}, stats.inference_seconds),
+        ("cellwatch_inference_batches_total", "counter", {}, stats.batches),
+    ]
+    for source in sources:
+        for reason, count in source.reader.rejections.counts.items():
+            out.append(
+                ("cellwatch_rejects_total", "counter", {"source": source.robot, "reason": reason}, count)
+            )
+    for sink in sinks:
+        if isinstance(sink, InfluxSink):
+            out.append(("cellwatch_spool_bytes", "gauge", {}, sink.pending_bytes))
+            out.append(("cellwatch_sink_retries_total", "counter", {}, sink.stats.retries))
+    return out
