@@ -28,6 +28,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--scale", type=float, default=0.1, help="fraction of the paper-sized recording")
     p.add_argument("--epochs", type=int, default=30, help="training epochs of the small model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--influx-url", help="also replay into this InfluxDB (v1 /write endpoint)")
+    p.add_argument("--influx-db", default="cellwatch")
     p.set_defaults(func=run)
 
 
@@ -78,6 +80,22 @@ def run(args: argparse.Namespace) -> int:
             "4. evaluate: AUROC per category on the test split (paper protocol)",
             ["evaluate", "--data", str(data), "--model", str(model), "--baselines"],
         ),
+        (
+            "5. replay the test split through the daemon (scores, alerts and explanations)",
+            [
+                "replay",
+                str(data),
+                "--model",
+                str(model),
+                "--speed",
+                "inf",
+                "--robot",
+                "demo-cell",
+                "--out",
+                str(args.dir / "scores.jsonl"),
+            ]
+            + (["--influx-url", args.influx_url, "--influx-db", args.influx_db] if args.influx_url else []),
+        ),
     ]
     for title, argv in steps:
         console.rule(f"[bold]{title}")
@@ -86,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         if code:
             return code
     console.print(
-        f"\nmodel in [bold]{model}[/]; next: [bold]cellwatch evaluate --data {data} --model {model} --json[/]"
+        f"\nmodel in [bold]{model}[/], scores and alerts in [bold]{args.dir / 'scores.jsonl'}[/]; "
+        f"next: [bold]cellwatch replay {data} --model {model} --influx-url http://127.0.0.1:8086[/]"
     )
     return 0
