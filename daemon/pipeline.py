@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -135,7 +136,7 @@ class Pipeline:
         start_ns: dict[str, int],
         batch: int = 32,
         max_wait_ms: int = 50,
-        queue_size: int = 256,
+        queue_size: int | None = None,
         keep_results: bool = False,
         alerts: dict[str, Any] | None = None,
     ) -> None:
@@ -146,9 +147,12 @@ class Pipeline:
         self.start_ns = start_ns
         self.batch = batch
         self.max_wait_s = max_wait_ms / 1000
-        self.queue: asyncio.Queue[Window | None] = asyncio.Queue(maxsize=queue_size)
+        # bounded: a few batches in flight; sources wait when it is full (backpressure)
+        self.queue: asyncio.Queue[Window | None] = asyncio.Queue(maxsize=queue_size or max(4 * batch, 16))
         self.stats = PipelineStats()
         self.keep_results = keep_results
+        self._producers: list[asyncio.Task[None]] = []
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellwatch-inference")
         self.trackers = {
             source.robot: AlertTracker(source.robot, **(alerts or {})) for source in self.sources
         }
@@ -165,7 +169,8 @@ class Pipeline:
     def _windows(self, robot: str, cycle: Cycle, end_ns: int) -> list[Window]:
         card = self.scorer.card
         divider = int(card.training.get("rate_divider", 1))
-        signals = cycle.signals[::divider] if divider > 1 else cycle.signals
+        # own a compact float32 copy: a strided view would keep the whole float64 cycle alive in the queue
+        signals = np.ascontiguousarray(cycle.signals[::divider], dtype=np.float32)
         category, anomaly = cycle.category_name, cycle.anomaly
         if card.mode == "cycle" or card.window is None or card.hop is None:
             return [Window(robot, cycle.sample, end_ns, signals, category, anomaly)]
@@ -214,7 +219,10 @@ class Pipeline:
         while True:
             windows, done = await self._next_batch()
             if windows:
-                results = await asyncio.to_thread(self._score, windows)  # off the event loop
+                # off the event loop, always on the same thread (one set of per-thread BLAS/oneDNN buffers)
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._inference, self._score, windows
+                )
                 self.stats.batches += 1
                 self.stats.windows_scored += len(results)
                 self.stats.anomalies += sum(r.is_anomaly for r in results)
@@ -229,14 +237,18 @@ class Pipeline:
                 if done:
                     for robot, tracker in self.trackers.items():
                         closed += tracker.finish(self.last_time.get(robot, 0))
-                points += await asyncio.to_thread(self._explain, closed)
+                points += await asyncio.get_running_loop().run_in_executor(
+                    self._inference, self._explain, closed
+                )
                 for sink in self.sinks:
                     await sink.write(points)
             elif done:
                 closed = []
                 for robot, tracker in self.trackers.items():
                     closed += tracker.finish(self.last_time.get(robot, 0))
-                points = await asyncio.to_thread(self._explain, closed)
+                points = await asyncio.get_running_loop().run_in_executor(
+                    self._inference, self._explain, closed
+                )
                 if points:
                     for sink in self.sinks:
                         await sink.write(points)
@@ -277,7 +289,16 @@ class Pipeline:
             for source in self.sources
         ]
         try:
-            outcomes = await asyncio.gather(*self._producers, return_exceptions=True)
+            producing = asyncio.gather(*self._producers, return_exceptions=True)
+            waiting: set[asyncio.Future[Any]] = {consumer, producing}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if consumer.done():  # the scorer died: stop the sources instead of letting them wait forever
+                for task in self._producers:
+                    task.cancel()
+                await producing
+                consumer.result()  # raises the scorer's error
+                raise RuntimeError("the scorer stopped before the sources")
+            outcomes = await producing
             errors = [
                 o
                 for o in outcomes
@@ -295,4 +316,5 @@ class Pipeline:
                 await sink.close(drain_timeout_s=drain_timeout_s)
             for source in self.sources:
                 source.close()
+            self._inference.shutdown(wait=True)
         return self.stats

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ingest.voraus.reader import Cycle, VorausReader
@@ -29,7 +30,10 @@ class VorausReplaySource:
         self.robot = robot
         self.speed = speed
         self.test_split_only = test_split_only
-        self.reader = VorausReader(path, signals)
+        # small record batches: a daemon keeps a steady, low footprint (the batch size does not change speed
+        # much: cycles are assembled from many batches either way)
+        self.reader = VorausReader(path, signals, batch_rows=8192)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"source-{robot}")
 
     async def cycles(self) -> AsyncIterator[Cycle]:
         loop = asyncio.get_running_loop()
@@ -39,7 +43,7 @@ class VorausReplaySource:
         sentinel = object()
         try:
             while True:
-                cycle = await asyncio.to_thread(next, iterator, sentinel)
+                cycle = await loop.run_in_executor(self._thread, next, iterator, sentinel)
                 if cycle is sentinel:
                     return
                 assert isinstance(cycle, Cycle)
@@ -56,4 +60,5 @@ class VorausReplaySource:
                 iterator.close()  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        self._thread.shutdown(wait=True)
         self.reader.close()
