@@ -29,24 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ingest.sim.scenarios import PAPER_ANOMALY_COUNTS  # noqa: E402
 from ingest.voraus import schema  # noqa: E402
 from ingest.voraus.schema import Category, Variant  # noqa: E402
 
 #: anomalies per category in the published test set (755 in all)
-ANOMALY_COUNTS = {
-    Category.AXIS_FRICTION: 144,
-    Category.AXIS_WEIGHT: 156,
-    Category.COLLISION_FOAM: 72,
-    Category.COLLISION_CABLE: 48,
-    Category.COLLISION_CARTON: 22,
-    Category.MISS_CAN: 11,
-    Category.LOSE_CAN: 74,
-    Category.CAN_WEIGHT: 80,
-    Category.ENTANGLED: 10,
-    Category.INVALID_POSITION: 12,
-    Category.MOTOR_COMMUTATION: 89,
-    Category.WOBBLING_STATION: 37,
-}
+ANOMALY_COUNTS = PAPER_ANOMALY_COUNTS
 #: a few plausible variants per category (only the numbers matter to the reader)
 VARIANTS = {
     Category.AXIS_FRICTION: range(Variant.A1_A, Variant.A6_B + 1),

@@ -19,8 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +33,6 @@ from services import InfluxServer
 from ingest.voraus.reader import VorausReader
 
 CELLWATCH = Path(sys.executable).parent / "cellwatch"
-
-
-def create_db(server: InfluxServer, name: str) -> None:
-    body = urllib.parse.urlencode({"q": f'CREATE DATABASE "{name}"'}).encode()
-    with urllib.request.urlopen(urllib.request.Request(f"{server.url}/query", data=body), timeout=10):
-        pass
 
 
 def count(server: InfluxServer, db: str) -> int:
@@ -73,7 +65,7 @@ def main() -> None:
     influx.start()
     try:
         # --- throughput -----------------------------------------------------------------------------
-        create_db(influx, "bench")
+        influx.create_database("bench")
         config = root / "throughput.yaml"
         start = "2026-01-01T00:00:00Z"
         config.write_text(
@@ -116,7 +108,7 @@ def main() -> None:
         stored = count(influx, "bench")
 
         # --- latency ----------------------------------------------------------------------------------
-        create_db(influx, "latency")
+        influx.create_database("latency")
         config = root / "latency.yaml"
         config.write_text(
             yaml.safe_dump(

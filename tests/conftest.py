@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from services import InfluxServer
@@ -15,3 +16,22 @@ def influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_cell_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 60-cycle simulated cell and a tiny MVT-Flow (10 Hz, 3 epochs) trained on it: enough to drive
+    the daemon end to end, not a good detector."""
+    from daemon.cli import main
+    from ingest.sim.dataset import write_recording
+    from ingest.sim.scenarios import plan_recording
+
+    root = tmp_path_factory.mktemp("tiny")
+    cell = root / "cell.parquet"
+    write_recording(cell, plan_recording(cycles=60, seed=8), seed=8)
+    model = root / "model"
+    assert (
+        main(["train", "--data", str(cell), "--out", str(model), "--rate-divider", "10", "--epochs", "3"])
+        == 0
+    )
+    return cell, model

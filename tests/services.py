@@ -97,6 +97,12 @@ bind-address = "127.0.0.1:{self.rpc_port}"
         self.proc = None
         wait_until(lambda: not self.ping(), 10, "influxd to stop answering")
 
+    def create_database(self, name: str) -> None:
+        body = urllib.parse.urlencode({"q": f'CREATE DATABASE "{name}"'}).encode()
+        request = urllib.request.Request(f"{self.url}/query", data=body)
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
     def query(self, q: str, db: str | None = None) -> dict[str, Any]:
         import json
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,9 +21,7 @@ T0 = 1_700_000_000_000_000_000
 
 
 def create_db(server: InfluxServer, name: str) -> None:
-    body = urllib.parse.urlencode({"q": f'CREATE DATABASE "{name}"'}).encode()
-    with urllib.request.urlopen(urllib.request.Request(f"{server.url}/query", data=body), timeout=10):
-        pass
+    server.create_database(name)
 
 
 def points(start: int, n: int, robot: str = "r1") -> list[Point]:

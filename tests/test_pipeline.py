@@ -15,21 +15,11 @@ from daemon.cli import main
 from daemon.dataset import load_cycles
 from flows.artifact import load_model
 from flows.scorer import Scorer
-from ingest.sim.dataset import write_recording
-from ingest.sim.scenarios import plan_recording
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("pipeline")
-    cell = root / "cell.parquet"
-    write_recording(cell, plan_recording(cycles=60, seed=8), seed=8)
-    model = root / "model"
-    assert (
-        main(["train", "--data", str(cell), "--out", str(model), "--rate-divider", "10", "--epochs", "3"])
-        == 0
-    )
-    return cell, model
+@pytest.fixture
+def setup(tiny_cell_and_model: tuple[Path, Path]) -> tuple[Path, Path]:
+    return tiny_cell_and_model
 
 
 def test_replay_lands_one_score_per_cycle_in_influxdb(

@@ -22,10 +22,7 @@ import pytest
 import yaml
 from services import free_port, wait_until
 
-from daemon.cli import main
 from daemon.notify import Notifier
-from ingest.sim.dataset import write_recording
-from ingest.sim.scenarios import plan_recording
 
 UNIT = Path(__file__).parent.parent / "systemd" / "cellwatch.service"
 CELLWATCH = Path(sys.executable).parent / "cellwatch"
@@ -134,17 +131,9 @@ def test_notifier_sends_and_computes_the_watchdog_interval(tmp_path: Path) -> No
     fake.close()
 
 
-@pytest.fixture(scope="module")
-def daemon_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("notify")
-    cell = root / "cell.parquet"
-    write_recording(cell, plan_recording(cycles=60, seed=8), seed=8)
-    model = root / "model"
-    assert (
-        main(["train", "--data", str(cell), "--out", str(model), "--rate-divider", "10", "--epochs", "2"])
-        == 0
-    )
-    return cell, model
+@pytest.fixture
+def daemon_setup(tiny_cell_and_model: tuple[Path, Path]) -> tuple[Path, Path]:
+    return tiny_cell_and_model
 
 
 def start_daemon(
