@@ -40,6 +40,43 @@ def count(server: InfluxServer, db: str) -> int:
     return int(rows[0][1]) if rows else 0
 
 
+def write_config(
+    path: Path,
+    args: argparse.Namespace,
+    influx: InfluxServer,
+    database: str,
+    *,
+    speed: float,
+    test_split_only: bool = True,
+    max_wait_ms: int = 50,
+    batch_points: int = 5000,
+) -> Path:
+    """A daemon config: one robot replaying --data with --model into `database`, on the CPU."""
+    source = {
+        "type": "voraus_replay",
+        "robot": "arm-1",
+        "path": str(args.data.resolve()),
+        "speed": speed,
+        "test_split_only": test_split_only,
+        "start": "2026-01-01T00:00:00Z",
+    }
+    influxdb = {
+        "url": influx.url,
+        "database": database,
+        "spool_dir": str(path.parent / f"spool-{database}"),
+        "batch_points": batch_points,
+    }
+    config = {
+        "sources": [source],
+        "model": {"path": str(args.model.resolve())},
+        "scoring": {"batch": 32, "max_wait_ms": max_wait_ms, "device": "cpu"},
+        "sinks": {"influxdb": influxdb},
+        "metrics": {"listen": None},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def run_daemon(
     config: Path, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], psutil.Process]:
@@ -66,29 +103,8 @@ def main() -> None:
     try:
         # --- throughput -----------------------------------------------------------------------------
         influx.create_database("bench")
-        config = root / "throughput.yaml"
-        start = "2026-01-01T00:00:00Z"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "sources": [
-                        {
-                            "type": "voraus_replay",
-                            "robot": "arm-1",
-                            "path": str(args.data.resolve()),
-                            "speed": 1e12,
-                            "test_split_only": False,
-                            "start": start,
-                        }
-                    ],
-                    "model": {"path": str(args.model.resolve())},
-                    "scoring": {"batch": 32, "device": "cpu"},
-                    "sinks": {
-                        "influxdb": {"url": influx.url, "database": "bench", "spool_dir": str(root / "spool")}
-                    },
-                    "metrics": {"listen": None},
-                }
-            )
+        config = write_config(
+            root / "throughput.yaml", args, influx, "bench", speed=1e12, test_split_only=False
         )
         with VorausReader(args.data) as reader:
             cycles = len(reader.meta())
@@ -109,32 +125,14 @@ def main() -> None:
 
         # --- latency ----------------------------------------------------------------------------------
         influx.create_database("latency")
-        config = root / "latency.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "sources": [
-                        {
-                            "type": "voraus_replay",
-                            "robot": "arm-1",
-                            "path": str(args.data.resolve()),
-                            "speed": args.latency_speed,
-                            "start": start,
-                        }
-                    ],
-                    "model": {"path": str(args.model.resolve())},
-                    "scoring": {"batch": 32, "max_wait_ms": 20, "device": "cpu"},
-                    "sinks": {
-                        "influxdb": {
-                            "url": influx.url,
-                            "database": "latency",
-                            "spool_dir": str(root / "spool2"),
-                            "batch_points": 1,
-                        }
-                    },
-                    "metrics": {"listen": None},
-                }
-            )
+        config = write_config(
+            root / "latency.yaml",
+            args,
+            influx,
+            "latency",
+            speed=args.latency_speed,
+            max_wait_ms=20,
+            batch_points=1,
         )
         with VorausReader(args.data) as reader:
             meta = reader.meta()

@@ -20,6 +20,7 @@ import numpy as np
 
 from daemon.alerts import Alert, AlertTracker
 from daemon.sinks.lineprotocol import Point
+from flows.preprocess import downsample, window_starts
 from flows.scorer import Scorer
 from ingest.voraus.reader import Cycle
 
@@ -170,13 +171,13 @@ class Pipeline:
         card = self.scorer.card
         divider = int(card.training.get("rate_divider", 1))
         # own a compact float32 copy: a strided view would keep the whole float64 cycle alive in the queue
-        signals = np.ascontiguousarray(cycle.signals[::divider], dtype=np.float32)
+        signals = np.ascontiguousarray(downsample(cycle.signals, divider), dtype=np.float32)
         category, anomaly = cycle.category_name, cycle.anomaly
         if card.mode == "cycle" or card.window is None or card.hop is None:
             return [Window(robot, cycle.sample, end_ns, signals, category, anomaly)]
         dt_ns = round(1e9 / card.rate_hz)
         out = []
-        for start in range(0, len(signals) - card.window + 1, card.hop):
+        for start in window_starts(len(signals), card.window, card.hop):
             stop = start + card.window
             time_ns = end_ns - (len(signals) - stop) * dt_ns
             out.append(Window(robot, cycle.sample, time_ns, signals[start:stop], category, anomaly))
@@ -216,42 +217,32 @@ class Pipeline:
 
     async def _consume(self) -> None:
         card = self.scorer.card
+        loop = asyncio.get_running_loop()
         while True:
             windows, done = await self._next_batch()
+            points: list[Point] = []
+            closed: list[Alert] = []
             if windows:
                 # off the event loop, always on the same thread (one set of per-thread BLAS/oneDNN buffers)
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._inference, self._score, windows
-                )
+                results = await loop.run_in_executor(self._inference, self._score, windows)
                 self.stats.batches += 1
                 self.stats.windows_scored += len(results)
                 self.stats.anomalies += sum(r.is_anomaly for r in results)
                 if self.keep_results:
                     self.stats.results.extend(results)
                 points = [to_point(r, self.model_name, card.mode, card.threshold.value) for r in results]
-                closed: list[Alert] = []
                 for r in results:
                     w = r.window
                     self.last_time[w.robot] = w.time_ns
                     closed += self.trackers[w.robot].update(w.time_ns, r.normalized, r.is_anomaly, w.cycle, w)
-                if done:
-                    for robot, tracker in self.trackers.items():
-                        closed += tracker.finish(self.last_time.get(robot, 0))
-                points += await asyncio.get_running_loop().run_in_executor(
-                    self._inference, self._explain, closed
-                )
-                for sink in self.sinks:
-                    await sink.write(points)
-            elif done:
-                closed = []
+            if done:  # the stream ended: close alerts still open
                 for robot, tracker in self.trackers.items():
                     closed += tracker.finish(self.last_time.get(robot, 0))
-                points = await asyncio.get_running_loop().run_in_executor(
-                    self._inference, self._explain, closed
-                )
-                if points:
-                    for sink in self.sinks:
-                        await sink.write(points)
+            if closed:
+                points += await loop.run_in_executor(self._inference, self._explain, closed)
+            if points:
+                for sink in self.sinks:
+                    await sink.write(points)
             if done:
                 return
 

@@ -10,10 +10,9 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from daemon.cli import UsageError
+from daemon.cli_support import UsageError, progress
 from ingest.errors import VorausFormatError
 from ingest.voraus.reader import VorausReader
 
@@ -80,18 +79,11 @@ def summarize(path: Path, *, validate: bool = False) -> dict[str, Any]:
 
 
 def _validate(reader: VorausReader, total: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
-    with progress:
-        task = progress.add_task(f"validating {reader.path.name}", total=total)
+    with progress() as bar:
+        task = bar.add_task(f"validating {reader.path.name}", total=total)
         for good, _ in enumerate(reader.cycles(), start=1):
-            progress.update(task, completed=good + reader.rejections.total)
-        progress.update(task, completed=total)
+            bar.update(task, completed=good + reader.rejections.total)
+        bar.update(task, completed=total)
     stats = reader.rejections
     examples = [
         {"sample": r.sample, "reason": r.reason, "detail": r.detail} for r in stats.examples[:_EXAMPLES]
