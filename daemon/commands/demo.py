@@ -1,8 +1,9 @@
 """``cellwatch demo``: the main job on embedded defaults, needing no data and no infrastructure.
 
 Simulates a small cell, inspects the recording, trains a small MVT-Flow on its normal training cycles
-and evaluates it by the paper's protocol next to the 1-NN and PCA baselines. As the daemon grows it
-will also replay the test split through the daemon and write the report.
+and evaluates it by the paper's protocol next to the 1-NN and PCA baselines, replays the test split
+through the daemon (scores and alerts in scores.jsonl) and writes the HTML report (report.html: ROC and
+AUROC per category, score histograms, the alerts and the temporal analysis of their peak cycles).
 """
 
 from __future__ import annotations
@@ -96,6 +97,20 @@ def run(args: argparse.Namespace) -> int:
             ]
             + (["--influx-url", args.influx_url, "--influx-db", args.influx_db] if args.influx_url else []),
         ),
+        (
+            "6. write the report (ROC, score histograms, alerts, temporal analysis)",
+            [
+                "report",
+                "--data",
+                str(data),
+                "--model",
+                str(model),
+                "--alerts",
+                str(args.dir / "scores.jsonl"),
+                "--out",
+                str(args.dir / "report.html"),
+            ],
+        ),
     ]
     for title, argv in steps:
         console.rule(f"[bold]{title}")
@@ -104,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         if code:
             return code
     console.print(
-        f"\nmodel in [bold]{model}[/], scores and alerts in [bold]{args.dir / 'scores.jsonl'}[/]; "
+        f"\nmodel in [bold]{model}[/], scores and alerts in [bold]{args.dir / 'scores.jsonl'}[/], "
+        f"report in [bold]{args.dir / 'report.html'}[/]; "
         f"next: [bold]cellwatch replay {data} --model {model} --influx-url http://127.0.0.1:8086[/]"
     )
     return 0
