@@ -48,6 +48,15 @@ class AlertTracker:
         self.excursion_start: int | None = None
         self.last_end: int | None = None
 
+    def reconfigure(self, *, k: int, n: int, min_duration_s: float, cooldown_s: float) -> None:
+        """New settings (config reload); the recent windows and an open alert are kept."""
+        if not 1 <= k <= n:
+            raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+        self.k, self.n = k, n
+        self.min_duration_ns = int(min_duration_s * 1e9)
+        self.cooldown_ns = int(cooldown_s * 1e9)
+        self.recent = deque(self.recent, maxlen=n)
+
     def update(
         self, time_ns: int, normalized: float, over: bool, cycle: int, window: Any = None
     ) -> list[Alert]:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "daemon.commands.evaluate",
     "run": "daemon.commands.run",
     "demo": "daemon.commands.demo",
+    "publish": "daemon.commands.publish",
     "report": "daemon.commands.report",
 }
 

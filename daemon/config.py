@@ -74,7 +74,71 @@ class VorausReplaySource(_Strict):
     )
 
 
-Source = Annotated[VorausReplaySource, Field(discriminator="type")]
+class KafkaSecurityConfig(_Strict):
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    username: str | None = None
+    password: SecretRef | None = None
+
+    @model_validator(mode="after")
+    def _sasl_needs(self) -> KafkaSecurityConfig:
+        if self.protocol.startswith("SASL") and not (self.username and self.password):
+            raise ValueError(f"protocol {self.protocol} needs username and password")
+        return self
+
+
+class KafkaSource(_Strict):
+    """Robot signals from a Kafka topic; message key = robot id; shared by a consumer group."""
+
+    type: Literal["kafka"]
+    bootstrap: list[Annotated[str, Field(pattern=r"^[^:\s]+:\d{1,5}$")]] = Field(min_length=1)
+    topic: str = Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
+    group: str = Field(default="cellwatch", min_length=1)
+    client_id: str = "cellwatch"
+    security: KafkaSecurityConfig = KafkaSecurityConfig()
+    dead_letter_topic: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
+    max_message_bytes: int = Field(default=4 * 2**20, ge=1024, le=64 * 2**20)
+    start_from: Literal["earliest", "latest"] = Field(
+        default="earliest", description="where a group without committed offsets starts"
+    )
+    queue_messages: int = Field(default=2000, ge=10, le=1_000_000)
+    session_timeout_ms: int = Field(default=10_000, ge=1000, le=300_000)
+
+
+class MqttTlsConfig(_Strict):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class MqttSource(_Strict):
+    """Robot signals over MQTT 5, QoS 1, persistent session; the '+' level of the topic is the robot id."""
+
+    type: Literal["mqtt"]
+    host: str = Field(min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic: str = Field(default="cell/+/signals", pattern=r"^[^#]*\+[^#]*$")
+    client_id: str = Field(default="cellwatch", min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretRef | None = None
+    tls: MqttTlsConfig | None = None
+    session_expiry_s: int = Field(default=86_400, ge=0, le=2**32 - 1)
+    receive_maximum: int = Field(default=4096, ge=1, le=65535)
+    max_message_bytes: int = Field(default=4 * 2**20, ge=1024, le=64 * 2**20)
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_plus(self) -> MqttSource:
+        if self.topic.split("/").count("+") != 1:
+            raise ValueError(f"topic needs exactly one '+' level, the robot id (got {self.topic!r})")
+        return self
+
+
+Source = Annotated[VorausReplaySource | KafkaSource | MqttSource, Field(discriminator="type")]
 
 
 class ModelConfig(_Strict):
@@ -100,6 +164,9 @@ class InfluxConfig(_Strict):
     bucket: str | None = None
     token: SecretRef | None = None
     batch_points: int = Field(default=5000, ge=1, le=100_000)
+    flush_interval_ms: int = Field(
+        default=1000, ge=1, le=60_000, description="longest a point waits in memory before the spool"
+    )
     spool_dir: Path = Path("spool")
     spool_max_mb: int = Field(default=256, ge=1, le=1_000_000)
     timeout_s: float = Field(default=10.0, gt=0, le=300)
@@ -156,7 +223,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _unique_robots(self) -> Config:
-        robots = [s.robot for s in self.sources]
+        robots = [s.robot for s in self.sources if isinstance(s, VorausReplaySource)]
         duplicates = sorted({r for r in robots if robots.count(r) > 1})
         if duplicates:
             raise ValueError(f"robot ids must be unique, repeated: {duplicates}")
@@ -168,7 +235,7 @@ def _location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("voraus_replay",):  # discriminator tags pydantic inserts into the path
+        elif part in ("voraus_replay", "kafka", "mqtt"):  # discriminator tags pydantic inserts into the path
             continue
         else:
             out += f".{part}" if out else str(part)
@@ -219,7 +286,10 @@ def _rebase(config: Config, base: Path) -> Config:
     def fix(p: Path) -> Path:
         return p if p.is_absolute() else base / p
 
-    sources = [s.model_copy(update={"path": fix(s.path)}) for s in config.sources]
+    sources = [
+        s.model_copy(update={"path": fix(s.path)}) if isinstance(s, VorausReplaySource) else s
+        for s in config.sources
+    ]
     sinks = config.sinks
     updates: dict[str, Any] = {}
     if sinks.file is not None:

@@ -20,23 +20,15 @@ import numpy as np
 
 from daemon.alerts import Alert, AlertTracker
 from daemon.sinks.lineprotocol import Point
+from daemon.windowing import StreamRejected, StreamWindower, Window
 from flows.preprocess import downsample, window_starts
 from flows.scorer import Scorer
+from ingest.stream import Rejections
 from ingest.voraus.reader import Cycle
 
 log = logging.getLogger("cellwatch.pipeline")
 MEASUREMENT = "anomaly_score"
 ALERT_MEASUREMENT = "alert"
-
-
-@dataclass
-class Window:
-    robot: str
-    cycle: int
-    time_ns: int  # timestamp of the window's last sample (from the data)
-    signals: np.ndarray  # (T, S) raw
-    category: str = ""
-    anomaly: bool | None = None
 
 
 @dataclass
@@ -48,7 +40,10 @@ class Scored:
 
 
 class Sink(Protocol):
+    """`write` accepts points; after `flush` they are durable (spooled or written)."""
+
     async def write(self, points: Sequence[Point]) -> None: ...
+    async def flush(self) -> None: ...
     async def close(self, drain_timeout_s: float = 10.0) -> bool: ...
 
 
@@ -71,6 +66,9 @@ class FileSink:
         self._fh.write(text)
         self._fh.flush()
 
+    async def flush(self) -> None:
+        """Each write is already in the file (a process crash cannot lose it)."""
+
     async def close(self, drain_timeout_s: float = 10.0) -> bool:
         self._fh.close()
         return True
@@ -79,6 +77,7 @@ class FileSink:
 @dataclass
 class PipelineStats:
     cycles_in: int = 0
+    messages_in: int = 0
     windows_scored: int = 0
     anomalies: int = 0
     batches: int = 0
@@ -154,17 +153,58 @@ class Pipeline:
         self.keep_results = keep_results
         self._producers: list[asyncio.Task[None]] = []
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellwatch-inference")
-        self.trackers = {
-            source.robot: AlertTracker(source.robot, **(alerts or {})) for source in self.sources
-        }
+        self.alert_options = alerts or {}
+        self.trackers: dict[str, AlertTracker] = {}
+        self.windowers: dict[str, StreamWindower] = {}
+        self.stream_rejections: dict[str, Rejections] = {}  # source name -> reason -> count
         self.last_time: dict[str, int] = {}
 
+    def _tracker(self, robot: str) -> AlertTracker:
+        tracker = self.trackers.get(robot)
+        if tracker is None:
+            tracker = self.trackers[robot] = AlertTracker(robot, **self.alert_options)
+        return tracker
+
+    def _windower(self, robot: str) -> StreamWindower:
+        windower = self.windowers.get(robot)
+        if windower is None:
+            card = self.scorer.card
+            divider = int(card.training.get("rate_divider", 1))
+            windower = StreamWindower(
+                robot,
+                mode="cycle" if card.mode == "cycle" or card.window is None else "window",
+                period_ns=round(1e9 / (card.rate_hz * divider)),
+                divider=divider,
+                window=card.window,
+                hop=card.hop,
+                max_cycle_rows=8 * card.time_steps * divider,
+            )
+            self.windowers[robot] = windower
+        return windower
+
     async def _produce(self, source: Any) -> None:
+        if not hasattr(source, "cycles"):
+            await self._produce_stream(source)
+            return
         clock_ns = self.start_ns[source.robot]
         async for cycle in source.cycles():
             self.stats.cycles_in += 1
             clock_ns += round(cycle.duration_s * 1e9)
             for window in self._windows(source.robot, cycle, clock_ns):
+                await self.queue.put(window)  # waits when full: backpressure
+
+    async def _produce_stream(self, source: Any) -> None:
+        """A streaming source (Kafka, MQTT): message batches are windowed per robot."""
+        rejected = self.stream_rejections.setdefault(source.name, Rejections())
+        async for delivery in source.deliveries():
+            self.stats.messages_in += 1
+            batch = delivery.batch
+            try:
+                windows = self._windower(batch.robot).push(batch, delivery.ack)
+            except StreamRejected as err:
+                rejected.add(err.reason, str(err), log)
+                continue
+            for window in windows:
                 await self.queue.put(window)  # waits when full: backpressure
 
     def _windows(self, robot: str, cycle: Cycle, end_ns: int) -> list[Window]:
@@ -234,7 +274,7 @@ class Pipeline:
                 for r in results:
                     w = r.window
                     self.last_time[w.robot] = w.time_ns
-                    closed += self.trackers[w.robot].update(w.time_ns, r.normalized, r.is_anomaly, w.cycle, w)
+                    closed += self._tracker(w.robot).update(w.time_ns, r.normalized, r.is_anomaly, w.cycle, w)
             if done:  # the stream ended: close alerts still open
                 for robot, tracker in self.trackers.items():
                     closed += tracker.finish(self.last_time.get(robot, 0))
@@ -243,6 +283,15 @@ class Pipeline:
             if points:
                 for sink in self.sinks:
                     await sink.write(points)
+            acks = [ack for window in windows for ack in window.acks]
+            if acks:
+                # release the messages behind these windows only once their points are durable
+                for sink in self.sinks:
+                    await sink.flush()
+                for ack in acks:
+                    ack()
+                for window in windows:
+                    window.acks = []
             if done:
                 return
 
@@ -276,7 +325,7 @@ class Pipeline:
     async def run(self, drain_timeout_s: float = 10.0) -> PipelineStats:
         consumer = asyncio.create_task(self._consume(), name="scorer")
         self._producers = [
-            asyncio.create_task(self._produce(source), name=f"source-{source.robot}")
+            asyncio.create_task(self._produce(source), name=f"source-{source.name}")
             for source in self.sources
         ]
         try:
@@ -306,6 +355,6 @@ class Pipeline:
             for sink in self.sinks:
                 await sink.close(drain_timeout_s=drain_timeout_s)
             for source in self.sources:
-                source.close()
+                await source.aclose()
             self._inference.shutdown(wait=True)
         return self.stats

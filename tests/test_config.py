@@ -48,7 +48,7 @@ def test_there_are_samples() -> None:
         (with_(sinks__influxdb={"url": "http://x:8086", "api": "v2"}), "api v2 needs org, bucket and token"),
         (with_(sinks__influxdb={"url": "x:8086"}), "sinks.influxdb.url: String should match pattern"),
         (with_(scoring__batchsize=3), "scoring.batchsize: Extra inputs are not permitted (got 3)"),
-        (with_(sources__0__type="kafka"), "sources[0]: Input tag 'kafka' found using 'type' does not match"),
+        (with_(sources__0__type="amqp"), "sources[0]: Input tag 'amqp' found using 'type' does not match"),
         ({"sources": [BASE["sources"][0], BASE["sources"][0]], "model": BASE["model"]}, "repeated: ['r1']"),
         ({"model": BASE["model"]}, "sources: Field required"),
     ],

@@ -36,7 +36,7 @@ def run_config(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as err:
         raise UsageError(str(err)) from err
-    return execute(config)
+    return execute(config, config_path=args.config)
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -64,40 +64,124 @@ def run_replay(args: argparse.Namespace) -> int:
     return execute(config)
 
 
-def execute(config: Any) -> int:
-    from daemon.config import ConfigError, resolve_secrets
+def build_sources(config: Any, card: Any) -> tuple[list[Any], dict[str, int]]:
+    """The configured sources (not started yet) and the replay sources' start timestamps."""
+    from daemon.config import ConfigError, KafkaSource, MqttSource
+    from ingest.errors import IngestError
+    from ingest.voraus.source import VorausReplaySource
+
+    sources: list[Any] = []
+    start_ns: dict[str, int] = {}
+    divider = int(card.training.get("rate_divider", 1))
+    try:
+        for src in config.sources:
+            if isinstance(src, KafkaSource):
+                sources.append(_kafka(src, card))
+                continue
+            if isinstance(src, MqttSource):
+                sources.append(_mqtt(src, card))
+                continue
+            source = VorausReplaySource(
+                src.path, src.robot, card.signals, speed=src.speed, test_split_only=src.test_split_only
+            )
+            rate = source.reader.rate_hz
+            if rate is None or abs(rate / divider - card.rate_hz) > 1e-6:
+                source.close()
+                raise UsageError(
+                    f"{src.path}: sampling rate {rate} Hz / divider {divider} does not match the model's "
+                    f"{card.rate_hz:g} Hz"
+                )
+            sources.append(source)
+            start = src.start.timestamp() if src.start else int(src.path.stat().st_mtime)
+            start_ns[src.robot] = int(start * 1e9)
+    except (IngestError, OSError, ConfigError, ValueError) as err:
+        for source in sources:
+            if hasattr(source, "close"):
+                source.close()
+        raise UsageError(str(err)) from err
+    return sources, start_ns
+
+
+def _secret(ref: Any) -> str | None:
+    from daemon.logs import register_secret
+
+    if ref is None:
+        return None
+    value = ref.resolve()
+    register_secret(value)  # never in a log line, whatever a library prints
+    return str(value.get_secret_value())
+
+
+def _kafka(src: Any, card: Any) -> Any:
+    from ingest.kafka import KafkaSecurity, KafkaSource
+
+    sec = src.security
+    return KafkaSource(
+        bootstrap=src.bootstrap,
+        topic=src.topic,
+        group=src.group,
+        signals=card.signals,
+        client_id=src.client_id,
+        security=KafkaSecurity(
+            protocol=sec.protocol,
+            ca_file=str(sec.ca_file) if sec.ca_file else None,
+            cert_file=str(sec.cert_file) if sec.cert_file else None,
+            key_file=str(sec.key_file) if sec.key_file else None,
+            sasl_mechanism=sec.sasl_mechanism,
+            username=sec.username,
+            password=_secret(sec.password),
+        ),
+        dead_letter_topic=src.dead_letter_topic,
+        max_message_bytes=src.max_message_bytes,
+        start_from=src.start_from,
+        queue_messages=src.queue_messages,
+        session_timeout_ms=src.session_timeout_ms,
+    )
+
+
+def _mqtt(src: Any, card: Any) -> Any:
+    from ingest.mqtt import MqttSource, MqttTls
+
+    tls = src.tls
+    return MqttSource(
+        host=src.host,
+        port=src.port,
+        topic=src.topic,
+        client_id=src.client_id,
+        signals=card.signals,
+        username=src.username,
+        password=_secret(src.password),
+        tls=MqttTls(
+            ca_file=str(tls.ca_file) if tls.ca_file else None,
+            cert_file=str(tls.cert_file) if tls.cert_file else None,
+            key_file=str(tls.key_file) if tls.key_file else None,
+        )
+        if tls
+        else None,
+        session_expiry_s=src.session_expiry_s,
+        receive_maximum=src.receive_maximum,
+        max_message_bytes=src.max_message_bytes,
+        reconnect_min_s=src.reconnect_min_s,
+        reconnect_max_s=src.reconnect_max_s,
+    )
+
+
+def execute(config: Any, config_path: Path | None = None) -> int:
+    from daemon.config import ConfigError, load_config, resolve_secrets
+    from daemon.logs import register_secret
     from daemon.metrics import MetricsServer
     from daemon.pipeline import FileSink, Pipeline, Sink
     from daemon.sinks.influx import InfluxSink, InfluxTarget
     from flows.artifact import ModelFormatError, load_model
     from flows.scorer import Scorer
-    from ingest.errors import IngestError
-    from ingest.voraus.source import VorausReplaySource
+    from ingest.stream import SourceUnavailable
 
     try:
         model = load_model(config.model.path)
         scorer = Scorer(model, device=config.scoring.device, bf16=config.scoring.bf16)
     except (ModelFormatError, ValueError) as err:
         raise UsageError(str(err)) from err
-    sources = []
-    start_ns = {}
-    try:
-        for src in config.sources:
-            source = VorausReplaySource(
-                src.path, src.robot, model.card.signals, speed=src.speed, test_split_only=src.test_split_only
-            )
-            rate = source.reader.rate_hz
-            divider = int(model.card.training.get("rate_divider", 1))
-            if rate is None or abs(rate / divider - model.card.rate_hz) > 1e-6:
-                raise UsageError(
-                    f"{src.path}: sampling rate {rate} Hz / divider {divider} does not match the model's "
-                    f"{model.card.rate_hz:g} Hz"
-                )
-            sources.append(source)
-            start = src.start.timestamp() if src.start else int(src.path.stat().st_mtime)
-            start_ns[src.robot] = int(start * 1e9)
-    except (IngestError, OSError) as err:
-        raise UsageError(str(err)) from err
+    sources, start_ns = build_sources(config, model.card)
     sinks: list[Sink] = []
     if config.sinks.file is not None:
         sinks.append(FileSink(config.sinks.file.path))
@@ -105,6 +189,8 @@ def execute(config: Any) -> int:
         influx = config.sinks.influxdb
         try:
             password, token = resolve_secrets(influx)
+            register_secret(password)
+            register_secret(token)
         except ConfigError as err:
             raise UsageError(str(err)) from err
         target = InfluxTarget(
@@ -124,6 +210,7 @@ def execute(config: Any) -> int:
                 target,
                 influx.spool_dir,
                 batch_points=influx.batch_points,
+                flush_interval_s=influx.flush_interval_ms / 1000,
                 spool_max_bytes=influx.spool_max_mb * 2**20,
             )
         )
@@ -148,6 +235,16 @@ def execute(config: Any) -> int:
         for sink in sinks:
             if isinstance(sink, InfluxSink):
                 await sink.start()
+        started = []
+        try:
+            for source in sources:
+                if hasattr(source, "start"):
+                    await source.start()
+                    started.append(source)
+        except SourceUnavailable:
+            for source in started:
+                await source.aclose()
+            raise
         run_task = asyncio.create_task(pipeline.run(drain_timeout_s=config.stop_drain_s), name="pipeline")
 
         stopping = False
@@ -161,13 +258,33 @@ def execute(config: Any) -> int:
             pipeline.request_stop()
 
         def reload() -> None:
+            """SIGHUP: re-read the config file and the model. Model, scoring batch and alert settings
+            apply at once; changed sources, sinks or metrics need a restart (said in the log)."""
+            nonlocal config
             notifier.reloading()
             try:
-                fresh = load_model(config.model.path, expect_signals=model.card.signals)
-                pipeline.scorer = Scorer(fresh, device=config.scoring.device, bf16=config.scoring.bf16)
-                log.info("reloaded model %s", config.model.path)
-            except (ModelFormatError, ValueError) as err:
-                log.error("reload failed, keeping the running model: %s", err)
+                fresh_config = load_config(config_path) if config_path is not None else config
+                fresh = load_model(fresh_config.model.path, expect_signals=model.card.signals)
+                scorer = Scorer(fresh, device=fresh_config.scoring.device, bf16=fresh_config.scoring.bf16)
+            except (ConfigError, ModelFormatError, ValueError) as err:
+                log.error("reload failed, keeping the running config and model: %s", err)
+                notifier.ready()
+                return
+            pipeline.scorer = scorer
+            pipeline.batch = fresh_config.scoring.batch
+            pipeline.max_wait_s = fresh_config.scoring.max_wait_ms / 1000
+            pipeline.alert_options = fresh_config.alerts.model_dump()
+            for tracker in pipeline.trackers.values():
+                tracker.reconfigure(**pipeline.alert_options)
+            restart = [
+                name
+                for name in ("sources", "sinks", "metrics", "state_dir")
+                if getattr(fresh_config, name) != getattr(config, name)
+            ]
+            if restart:
+                log.warning("reloaded; changes to %s take effect on restart", ", ".join(restart))
+            log.info("reloaded config and model %s", fresh_config.model.path)
+            config = fresh_config
             notifier.ready()
 
         loop.add_signal_handler(signal.SIGTERM, stop)
@@ -204,7 +321,10 @@ def execute(config: Any) -> int:
                 notifier.stopping()
             notifier.close()
 
-    stats = asyncio.run(main())
+    try:
+        stats = asyncio.run(main())
+    except SourceUnavailable as err:
+        raise UsageError(str(err)) from err
     console.print(
         f"scored {stats.windows_scored} windows from {stats.cycles_in} cycles of {len(sources)} robot(s): "
         f"{stats.anomalies} over the threshold; inference {stats.inference_seconds:.1f} s "
@@ -251,11 +371,26 @@ def collect_metrics(
         ("cellwatch_inference_seconds_total", "counter", {}, stats.inference_seconds),
         ("cellwatch_inference_batches_total", "counter", {}, stats.batches),
     ]
+    out.append(("cellwatch_messages_in_total", "counter", {}, stats.messages_in))
     for source in sources:
-        for reason, count in source.reader.rejections.counts.items():
+        counts = dict(source.rejections)
+        for reason, count in pipeline.stream_rejections.get(source.name, {}).items():
+            counts[reason] = counts.get(reason, 0) + count
+        for reason, count in counts.items():
             out.append(
-                ("cellwatch_rejects_total", "counter", {"source": source.robot, "reason": reason}, count)
+                ("cellwatch_rejects_total", "counter", {"source": source.name, "reason": reason}, count)
             )
+        if hasattr(source, "assigned"):
+            out.append(
+                ("cellwatch_kafka_assigned_partitions", "gauge", {"source": source.name}, source.assigned)
+            )
+            out.append(("cellwatch_source_paused", "gauge", {"source": source.name}, int(source.paused)))
+        if hasattr(source, "reconnects"):
+            out.append(
+                ("cellwatch_mqtt_reconnects_total", "counter", {"source": source.name}, source.reconnects)
+            )
+        if hasattr(source, "outstanding"):  # messages received whose windows are not written yet
+            out.append(("cellwatch_source_unacked", "gauge", {"source": source.name}, source.outstanding))
     for sink in sinks:
         if isinstance(sink, InfluxSink):
             out.append(("cellwatch_spool_bytes", "gauge", {}, sink.pending_bytes))

@@ -105,6 +105,7 @@ class InfluxSink:
         spool_dir: Path,
         *,
         batch_points: int = 5000,
+        flush_interval_s: float = 1.0,
         spool_max_bytes: int = 256 * 2**20,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
@@ -113,12 +114,16 @@ class InfluxSink:
         self.spool = Spool(spool_dir, max_bytes=spool_max_bytes)
         self.rejected_dir = Path(spool_dir) / "rejected"
         self.batch_points = batch_points
+        self.flush_interval_s = flush_interval_s
+        self._flush_lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.stats = SinkStats()
         self._buffer: list[Point] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
         for path in self.spool.corrupt:
             log.error("spool segment %s was damaged and moved aside; its batches need manual replay", path)
 
@@ -126,28 +131,43 @@ class InfluxSink:
         self._task = asyncio.create_task(self._deliver(), name="influx-deliver")
 
     async def write(self, points: Iterable[Point]) -> None:
-        """Accept points; they are durable once the batch holding them is flushed to the spool."""
+        """Accept points. They are durable once flushed to the spool: when `batch_points` have
+        gathered, `flush_interval_s` after the first of them, or on an explicit `flush()`."""
         for point in points:
             self._buffer.append(point)
             self.stats.points_accepted += 1
             if len(self._buffer) >= self.batch_points:
                 await self.flush()
+        if self._buffer and self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.flush_interval_s, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self.flush(), name="influx-flush")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
 
     async def flush(self) -> None:
-        if not self._buffer:
-            return
-        body = encode_batch(self._buffer)
-        delay = self.backoff_initial_s
-        while True:
-            try:
-                await asyncio.to_thread(self.spool.append, body)
-                break
-            except SpoolFull:  # backpressure: wait for delivery to make room, keep the batch
-                log.warning("spool full (%d bytes); waiting for InfluxDB", self.spool.max_bytes)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max_s)
-        self._buffer.clear()
-        self._wake.set()
+        """Move the buffered points to the durable spool (waits while the spool is full)."""
+        async with self._flush_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self._buffer:
+                return
+            batch, self._buffer = self._buffer, []
+            body = encode_batch(batch)
+            delay = self.backoff_initial_s
+            while True:
+                try:
+                    await asyncio.to_thread(self.spool.append, body)
+                    break
+                except SpoolFull:  # backpressure: wait for delivery to make room, keep the batch
+                    log.warning("spool full (%d bytes); waiting for InfluxDB", self.spool.max_bytes)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.backoff_max_s)
+            self._wake.set()
 
     @property
     def pending_bytes(self) -> int:

@@ -28,6 +28,7 @@ class VorausReplaySource:
         if not speed > 0:
             raise ValueError(f"speed must be > 0, got {speed}")
         self.robot = robot
+        self.name = f"replay:{robot}"
         self.speed = speed
         self.test_split_only = test_split_only
         # small record batches: a daemon keeps a steady, low footprint (the batch size does not change speed
@@ -58,6 +59,14 @@ class VorausReplaySource:
         finally:
             with contextlib.suppress(Exception):
                 iterator.close()  # type: ignore[attr-defined]
+
+    @property
+    def rejections(self) -> dict[str, int]:
+        """Cycles rejected by reason (nan, too_short, ...)."""
+        return dict(self.reader.rejections.counts)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

@@ -1,0 +1,247 @@
+"""Per-robot windowing of signal streams (Kafka, MQTT): message batches in, windows out.
+
+Two modes, following the model card:
+
+- ``cycle``: rows are grouped by their cycle marker (voraus ``sample``); a cycle is complete when a
+  message says ``cycle_end`` or the next cycle's first message arrives. Then it is downsampled to the
+  model's rate and scored whole, exactly as a replayed cycle.
+- ``window``: a continuous sliding window over the stream. Window ends are aligned to the absolute
+  sample index (timestamp / period), so a restarted daemon cuts the very same windows again.
+
+Every accepted message carries an ``ack`` callback (commit a Kafka offset, PUBACK an MQTT message).
+A message is released only with the window after which no future window needs its rows; the pipeline
+calls the window's acks after the sinks (or the spool) accepted its point: at-least-once. A message
+that arrives again (redelivery after a reconnect or a rebalance) while the original is still held
+takes over the original's place, so nothing is acknowledged before it is written.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flows.preprocess import downsample
+from ingest.messages import SignalBatch
+
+Ack = Callable[[], None]
+
+
+@dataclass
+class Window:
+    robot: str
+    cycle: int
+    time_ns: int  # timestamp of the window's last sample (from the data)
+    signals: np.ndarray  # (T, S) raw, float32
+    category: str = ""
+    anomaly: bool | None = None
+    acks: list[Ack] = field(default_factory=list)
+
+
+class StreamRejected(ValueError):
+    """A batch the windower cannot use; `reason` is the metrics label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _Held:
+    first_ns: int
+    last_ns: int
+    ack: Ack | None
+
+
+class StreamWindower:
+    """Windows of one robot's stream. Not thread-safe: one per robot, driven from the event loop."""
+
+    def __init__(
+        self,
+        robot: str,
+        *,
+        mode: str,
+        period_ns: int,
+        divider: int = 1,
+        window: int | None = None,
+        hop: int | None = None,
+        max_cycle_rows: int = 200_000,
+    ) -> None:
+        if mode not in ("cycle", "window"):
+            raise ValueError(f"mode must be 'cycle' or 'window', got {mode!r}")
+        if mode == "window" and (not window or not hop):
+            raise ValueError("window mode needs window and hop")
+        self.robot = robot
+        self.mode = mode
+        self.period_ns = period_ns  # raw stream period (model period / divider)
+        self.divider = divider
+        self.window = window or 0
+        self.hop = hop or 0
+        self.max_cycle_rows = max_cycle_rows
+        self.held: deque[_Held] = deque()  # accepted messages not yet released, in stream order
+        self.last_ns: int | None = None  # timestamp of the newest accepted row
+        # cycle mode
+        self._cycle: int | None = None
+        self._parts: list[np.ndarray] = []
+        self._rows = 0
+        self._skipping: int | None = None  # a cycle whose rows are dropped (start missing, too long)
+        self._ready: list[Window] = []  # complete cycles not returned yet (their batch was rejected)
+        # window mode: the last window-1 model-rate rows and the absolute index of the next one
+        self._history: np.ndarray | None = None
+        self._next_index: int | None = None
+
+    def push(self, batch: SignalBatch, ack: Ack | None) -> list[Window]:
+        """Add one message's rows; returns the windows it completes. Raises StreamRejected."""
+        if abs(batch.period_ns - self.period_ns) > self.period_ns // 100:
+            _ack_now(ack)  # never scored: holding it would block the commits behind it for good
+            raise StreamRejected(
+                "wrong_rate",
+                f"{self.robot}: sample period {batch.period_ns} ns, the model expects {self.period_ns} ns",
+            )
+        time_ns, rows = batch.time_ns, batch.rows
+        end_ns = time_ns + (rows - 1) * self.period_ns
+        if self.last_ns is not None and time_ns <= self.last_ns:
+            return self._redelivered(time_ns, end_ns, ack)
+        if self.mode == "cycle":
+            return self._push_cycle(batch, end_ns, ack)
+        return self._push_window(time_ns, end_ns, batch.signals, batch.cycle, ack)
+
+    def _redelivered(self, time_ns: int, end_ns: int, ack: Ack | None) -> list[Window]:
+        for held in self.held:
+            if held.first_ns == time_ns and held.last_ns == end_ns:
+                held.ack = ack  # the original's ack belongs to a dead connection or a lost partition
+                return []
+        if self.held and time_ns >= self.held[0].first_ns:
+            _ack_now(ack)  # never scored (its rows overlap rows held)
+            raise StreamRejected(
+                "out_of_order",
+                f"{self.robot}: rows from {time_ns} overlap rows already received (up to {self.last_ns})",
+            )
+        if ack is not None:
+            ack()  # older than anything held: its windows are written already
+        raise StreamRejected("duplicate", f"{self.robot}: rows from {time_ns} were already scored")
+
+    # -- cycle mode ---------------------------------------------------------------------------------
+    def _push_cycle(self, batch: SignalBatch, end_ns: int, ack: Ack | None) -> list[Window]:
+        cycle = batch.cycle
+        if cycle is None:
+            _ack_now(ack)  # never scored
+            raise StreamRejected("missing_cycle", f"{self.robot}: a cycle-mode model needs a 'cycle' marker")
+        if self._cycle is not None and cycle != self._cycle:
+            if self._parts:
+                # the next cycle began: the previous one is complete. Kept until a push returns (or
+                # flush): this batch may still be rejected below, and the window must not be lost
+                self._ready.append(self._emit_cycle())
+            self._cycle = None
+        if self._skipping is not None and self._skipping != cycle:
+            self._skipping = None
+        if self._skipping == cycle:
+            self._skip(cycle, batch, end_ns, ack)
+            raise StreamRejected("skipped_cycle", f"{self.robot}: rest of unusable cycle {cycle}")
+        if batch.cycle_row is not None and batch.cycle_row != self._rows:
+            # the start of this cycle is missing (a daemon resuming from a committed offset that lies
+            # inside it: that cycle's point was written before): scoring the rest would overwrite it
+            self._skip(cycle, batch, end_ns, ack)
+            raise StreamRejected(
+                "partial_cycle",
+                f"{self.robot}: cycle {cycle} rows start at {batch.cycle_row}, expected {self._rows}",
+            )
+        if self._rows + batch.rows > self.max_cycle_rows:
+            self._skip(cycle, batch, end_ns, ack)
+            raise StreamRejected(
+                "cycle_too_long", f"{self.robot}: cycle {cycle} exceeds {self.max_cycle_rows} rows"
+            )
+        self._cycle = cycle
+        self._parts.append(np.asarray(batch.signals, dtype=np.float32))
+        self._rows += batch.rows
+        self.held.append(_Held(batch.time_ns, end_ns, ack))
+        self.last_ns = end_ns
+        out, self._ready = self._ready, []
+        if batch.cycle_end:
+            out.append(self._emit_cycle())
+        return out
+
+    def _skip(self, cycle: int, batch: SignalBatch, end_ns: int, ack: Ack | None) -> None:
+        """Drop the rest of a cycle that cannot be scored; its messages are released with the next
+        window (acknowledging them now could overtake windows still on their way to the sinks)."""
+        self._parts, self._rows, self._cycle = [], 0, None
+        self._skipping = cycle
+        self.held.append(_Held(batch.time_ns, end_ns, ack))
+        self.last_ns = end_ns
+
+    def _emit_cycle(self) -> Window:
+        assert self._cycle is not None
+        assert self.last_ns is not None
+        raw = self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
+        signals = np.ascontiguousarray(downsample(raw, self.divider), dtype=np.float32)
+        window = Window(self.robot, self._cycle, self.last_ns, signals, acks=self._release_all())
+        self._parts, self._rows, self._cycle = [], 0, None
+        return window
+
+    def _release_all(self) -> list[Ack]:
+        acks = [h.ack for h in self.held if h.ack is not None]
+        self.held.clear()
+        return acks
+
+    # -- window mode --------------------------------------------------------------------------------
+    def _push_window(
+        self, time_ns: int, end_ns: int, signals: np.ndarray, cycle: int | None, ack: Ack | None
+    ) -> list[Window]:
+        first = self._raw_index(time_ns)  # absolute raw index of the first row
+        # keep the rows on the model's rate grid (absolute raw index divisible by the divider)
+        offset = (-first) % self.divider
+        kept = np.asarray(signals[offset :: self.divider], dtype=np.float32)
+        index = (first + offset) // self.divider  # absolute model-rate index of kept[0]
+        if self._history is None or self._next_index != index:
+            # the first rows, or a gap in the stream: windows never span a gap
+            self._history = np.zeros((0, signals.shape[1]), dtype=np.float32)
+        self.held.append(_Held(time_ns, end_ns, ack))
+        self.last_ns = end_ns
+        rows = np.concatenate([self._history, kept]) if len(self._history) else kept
+        rows_first = index - len(self._history)  # absolute model-rate index of rows[0]
+        out: list[Window] = []
+        stop = index + len(kept)  # one past the last absolute index now available
+        # window ends e with (e + 1) % hop == 0, e in [index, stop), and a full window available
+        first_end = index + (-(index + 1)) % self.hop
+        for e in range(first_end, stop, self.hop):
+            begin = e - self.window + 1
+            if begin < rows_first:
+                continue
+            signals_w = rows[begin - rows_first : e - rows_first + 1].copy()
+            out.append(self._emit_window(e, signals_w, cycle))
+        self._history = rows[-(self.window - 1) :] if self.window > 1 else rows[:0]
+        self._next_index = stop
+        return out
+
+    def _raw_index(self, ns: int) -> int:
+        """Absolute raw index of a timestamp, rounded half up in integers (a float division loses the
+        nanoseconds of an epoch timestamp and round() goes half to even: rows half a period off the
+        grid would alternate between two indices, and every message would look like a gap)."""
+        return (ns + self.period_ns // 2) // self.period_ns
+
+    def _emit_window(self, absolute: int, signals: np.ndarray, cycle: int | None) -> Window:
+        end_ns = absolute * self.divider * self.period_ns
+        # messages whose rows all lie before the next window's first row are needed no more
+        # (compared as absolute raw indices: timestamps may lie off the period grid)
+        next_first = (absolute + self.hop - self.window + 1) * self.divider
+        acks: list[Ack] = []
+        while self.held and self._raw_index(self.held[0].last_ns) < next_first:
+            held = self.held.popleft()
+            if held.ack is not None:
+                acks.append(held.ack)
+        label = cycle if cycle is not None else absolute // self.hop
+        return Window(self.robot, label, end_ns, signals, acks=acks)
+
+    def flush(self) -> list[Window]:
+        """End of stream: a cycle still open is scored as it is (replay sources end cleanly)."""
+        out, self._ready = self._ready, []
+        if self.mode == "cycle" and self._parts:
+            out.append(self._emit_cycle())
+        return out
+
+
+def _ack_now(ack: Ack | None) -> None:
+    if ack is not None:
+        ack()

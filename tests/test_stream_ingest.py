@@ -1,0 +1,547 @@
+"""Kafka and MQTT ingest end to end, against real brokers (Tansu, Mosquitto) and the real InfluxDB:
+the load generator publishes a recording as several robots, the daemon (a subprocess) scores it, and the
+tests read the stored series back.
+
+"Every window exactly once in the final series" is checked as: the set of (robot, timestamp) of the
+stored scores equals the set the recording defines, and each stored score equals the score of the same
+cycle computed directly from the file (so a window assembled from messages is the cycle itself, never a
+truncated or doubled one). Redelivered windows overwrite themselves: their timestamps come from the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from brokers import MosquittoServer, TansuServer
+from daemons import Daemon
+from services import InfluxServer, wait_until
+
+from ingest.loadgen import Target, plan, publish, robot_ids
+
+pytestmark = pytest.mark.slow
+T0 = 1_714_543_200_000_000_000  # 2024-05-01 06:00 UTC: fixed, so expected timestamps are known
+
+
+@pytest.fixture(scope="module")
+def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuServer]:
+    server = TansuServer(tmp_path_factory.mktemp("tansu"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoServer]:
+    server = MosquittoServer(tmp_path_factory.mktemp("mosquitto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference_scores(tiny_cell_and_model: tuple[Path, Path]) -> dict[int, float]:
+    """Cycle id -> score of that test cycle, computed directly from the file (no daemon, no broker)."""
+    from flows.artifact import load_model
+    from flows.preprocess import downsample
+    from flows.scorer import Scorer
+    from ingest.voraus.reader import VorausReader
+
+    cell, model_dir = tiny_cell_and_model
+    model = load_model(model_dir)
+    scorer = Scorer(model, device="cpu")
+    divider = int(model.card.training.get("rate_divider", 1))
+    out = {}
+    with VorausReader(cell, model.card.signals) as reader:
+        for cycle in reader.cycles():
+            if cycle.is_train:
+                continue
+            x = scorer.prepare_cycle(np.asarray(downsample(cycle.signals, divider), dtype=np.float32))
+            out[cycle.sample] = float(scorer.score(x[None]).raw[0])
+    return out
+
+
+def expected_windows(
+    cell: Path, robots: list[str], start_ns: int = T0, **kw: Any
+) -> dict[tuple[str, int], int]:
+    """(robot, time of the cycle's last sample) -> cycle id, for every cycle the generator sends."""
+    return {
+        (b.robot, b.end_ns): int(b.cycle or 0)
+        for b in plan(cell, robots, start_ns=start_ns, **kw)
+        if b.cycle_end
+    }
+
+
+def send(
+    url: str, cell: Path, robots: list[str], *, speed: float = math.inf, fmt: str = "json", **kw: Any
+) -> int:
+    stats = asyncio.run(
+        publish(Target.parse(url), plan(cell, robots, start_ns=T0, **kw), fmt=fmt, speed=speed)
+    )
+    return stats.messages
+
+
+def stored(influx: InfluxServer, db: str) -> dict[tuple[str, int], tuple[float, int]]:
+    """(robot, time) -> (score, cycle) of every stored anomaly score."""
+    result = influx.query('SELECT "score", "cycle", "robot" FROM "anomaly_score"', db)["results"][0]
+    assert "error" not in result, result
+    rows = result["series"][0]["values"] if result.get("series") else []
+    return {(robot, int(t)): (float(score), int(cycle)) for t, score, cycle, robot in rows}
+
+
+def wait_stored(influx: InfluxServer, db: str, count: int, timeout: float, daemons: list[Daemon]) -> None:
+    def enough() -> bool:
+        for d in daemons:
+            assert d.alive, f"daemon {d.name} died: {d.log_tail()}"
+        return len(stored(influx, db)) >= count
+
+    try:
+        wait_until(enough, timeout, f"{count} scores in {db}", interval=0.2)
+    except TimeoutError as err:
+        state = {d.name: {k: v for k, v in (d.metrics() or {}).items() if "python" not in k} for d in daemons}
+        raise AssertionError(f"{err}: {len(stored(influx, db))} stored; daemons: {state}") from None
+
+
+def assert_exactly_once(
+    got: dict[tuple[str, int], tuple[float, int]],
+    expected: dict[tuple[str, int], int],
+    reference: dict[int, float],
+) -> None:
+    assert set(got) == set(expected), (
+        f"missing {sorted(set(expected) - set(got))[:5]}, unexpected {sorted(set(got) - set(expected))[:5]}"
+    )
+    for key, (score, cycle) in got.items():
+        assert cycle == expected[key]
+        assert score == pytest.approx(reference[cycle], rel=1e-3, abs=1e-3), (key, cycle)
+
+
+def config(model: Path, influx: InfluxServer, db: str, root: Path, source: dict[str, Any]) -> dict[str, Any]:
+    influx.create_database(db)
+    return {
+        "sources": [source],
+        "model": {"path": str(model)},
+        "sinks": {
+            "influxdb": {
+                "url": influx.url,
+                "database": db,
+                "spool_dir": str(root / f"spool-{db}"),
+                "flush_interval_ms": 100,
+                "timeout_s": 5,
+            }
+        },
+        "state_dir": str(root),
+        "stop_drain_s": 30,
+    }
+
+
+def kafka_source(tansu: TansuServer, topic: str, group: str, **kw: Any) -> dict[str, Any]:
+    return {
+        "type": "kafka",
+        "bootstrap": [tansu.bootstrap],
+        "topic": topic,
+        "group": group,
+        "session_timeout_ms": 6000,
+        **kw,
+    }
+
+
+def mqtt_source(mosquitto: MosquittoServer, prefix: str, client_id: str, **kw: Any) -> dict[str, Any]:
+    return {
+        "type": "mqtt",
+        "host": "127.0.0.1",
+        "port": mosquitto.port,
+        "topic": f"{prefix}/+/signals",
+        "client_id": client_id,
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 1.0,
+        **kw,
+    }
+
+
+def unique(stem: str) -> str:
+    return f"{stem}_{uuid.uuid4().hex[:8]}"
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+
+
+def test_kafka_publish_to_influx_every_window_once(
+    tansu: TansuServer,
+    influx: InfluxServer,
+    tiny_cell_and_model: tuple[Path, Path],
+    reference_scores: dict[int, float],
+    tmp_path: Path,
+) -> None:
+    """The load generator's CLI publishes two robots (JSON); the daemon scores every cycle of each once."""
+    import subprocess
+
+    from daemons import CELLWATCH
+
+    cell, model = tiny_cell_and_model
+    topic, db = unique("signals"), unique("kafka_e2e")
+    tansu.create_topic(topic, 4)
+    robots = robot_ids(2)
+    daemon = Daemon(
+        tmp_path, "d", config(model, influx, db, tmp_path, kafka_source(tansu, topic, unique("g")))
+    )
+    daemon.start()
+    try:
+        to = f"kafka://{tansu.bootstrap}/{topic}"
+        result = subprocess.run(
+            [
+                str(CELLWATCH),
+                "publish",
+                str(cell),
+                "--to",
+                to,
+                "--robots",
+                "2",
+                "--speed",
+                "inf",
+                "--start",
+                str(T0),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        expected = expected_windows(cell, robots)
+        wait_stored(influx, db, len(expected), 90, [daemon])
+        # every message is committed once its window is written: nothing left outstanding
+        wait_until(lambda: daemon.metric("cellwatch_source_unacked") == 0, 30, "all offsets released")
+        assert daemon.metric("cellwatch_rejects_total") == 0
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert_exactly_once(stored(influx, db), expected, reference_scores)
+
+
+def test_mqtt_publish_to_influx_every_window_once(
+    mosquitto: MosquittoServer,
+    influx: InfluxServer,
+    tiny_cell_and_model: tuple[Path, Path],
+    reference_scores: dict[int, float],
+    tmp_path: Path,
+) -> None:
+    """Three robots over MQTT in the compact Arrow form; every cycle scored once."""
+    cell, model = tiny_cell_and_model
+    prefix, db = unique("cell"), unique("mqtt_e2e")
+    robots = robot_ids(3)
+    source = mqtt_source(mosquitto, prefix, unique("cw"))
+    daemon = Daemon(tmp_path, "d", config(model, influx, db, tmp_path, source)).start()
+    try:
+        send(f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/+/signals", cell, robots, fmt="arrow")
+        expected = expected_windows(cell, robots)
+        wait_stored(influx, db, len(expected), 90, [daemon])
+        wait_until(lambda: daemon.metric("cellwatch_source_unacked") == 0, 30, "all messages acknowledged")
+        assert daemon.metric("cellwatch_rejects_total") == 0
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert_exactly_once(stored(influx, db), expected, reference_scores)
+
+
+# -- crashes and restarts -----------------------------------------------------------------------------
+
+
+class Publisher:
+    """The load generator in a thread, paced, so a test can crash things while traffic flows."""
+
+    def __init__(self, url: str, cell: Path, robots: list[str], speed: float, **kw: Any) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(url, cell, robots, speed, kw), daemon=True)
+        self.thread.start()
+
+    def _run(self, url: str, cell: Path, robots: list[str], speed: float, kw: dict[str, Any]) -> None:
+        try:
+            send(url, cell, robots, speed=speed, **kw)
+        except BaseException as err:  # noqa: BLE001 (re-raised by join())
+            self.error = err
+
+    def join(self, timeout: float = 120) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "publisher did not finish"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize("transport", ["kafka", "mqtt"])
+def test_sigkill_mid_stream_loses_no_window(
+    transport: str,
+    tansu: TansuServer,
+    mosquitto: MosquittoServer,
+    influx: InfluxServer,
+    tiny_cell_and_model: tuple[Path, Path],
+    reference_scores: dict[int, float],
+    tmp_path: Path,
+) -> None:
+    """SIGKILL the daemon while messages flow, start it again: every window is in the final series
+    (Kafka resumes from the committed offsets, MQTT from the persistent session's unacknowledged
+    messages, the InfluxDB spool from disk)."""
+    cell, model = tiny_cell_and_model
+    db = unique(f"kill_{transport}")
+    robots = robot_ids(2)
+    if transport == "kafka":
+        topic = unique("signals")
+        tansu.create_topic(topic, 4)
+        source = kafka_source(tansu, topic, unique("g"))
+        url = f"kafka://{tansu.bootstrap}/{topic}"
+    else:
+        prefix = unique("cell")
+        source = mqtt_source(mosquitto, prefix, unique("cw"))
+        url = f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/+/signals"
+    cfg = config(model, influx, db, tmp_path, source)
+    expected = expected_windows(cell, robots)
+    first = Daemon(tmp_path, "first", cfg).start()
+    second = Daemon(tmp_path, "second", cfg)
+    try:
+        publisher = Publisher(url, cell, robots, speed=60.0)
+        wait_stored(influx, db, 6, 60, [first])
+        first.kill()  # SIGKILL: no drain, no commit, no PUBACK of what was in flight
+        assert len(stored(influx, db)) < len(expected), "the crash came too late to test anything"
+        second.start()
+        publisher.join()
+        wait_stored(influx, db, len(expected), 120, [second])
+        assert second.stop() == 0
+    finally:
+        first.kill()
+        second.kill()
+    assert_exactly_once(stored(influx, db), expected, reference_scores)
+
+
+def test_mqtt_broker_restart_daemon_reconnects(
+    mosquitto: MosquittoServer,
+    influx: InfluxServer,
+    tiny_cell_and_model: tuple[Path, Path],
+    reference_scores: dict[int, float],
+    tmp_path: Path,
+) -> None:
+    cell, model = tiny_cell_and_model
+    prefix, db = unique("cell"), unique("mqtt_restart")
+    robots = robot_ids(2)
+    url = f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/+/signals"
+    daemon = Daemon(
+        tmp_path, "d", config(model, influx, db, tmp_path, mqtt_source(mosquitto, prefix, unique("cw")))
+    )
+    daemon.start()
+    try:
+        send(url, cell, robots, max_cycles=10)
+        part1 = expected_windows(cell, robots, max_cycles=10)
+        wait_stored(influx, db, len(part1), 60, [daemon])
+        mosquitto.stop()
+        mosquitto.start()  # same port, sessions persisted
+        wait_until(
+            lambda: daemon.metric("cellwatch_mqtt_reconnects_total") >= 1, 60, "the daemon to reconnect"
+        )
+        send(url, cell, robots, skip_cycles=10)
+        expected = expected_windows(cell, robots)
+        wait_stored(influx, db, len(expected), 90, [daemon])
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert_exactly_once(stored(influx, db), expected, reference_scores)
+
+
+def test_kafka_broker_restart_flow_resumes(
+    tansu: TansuServer,
+    influx: InfluxServer,
+    tiny_cell_and_model: tuple[Path, Path],
+    reference_scores: dict[int, float],
+    tmp_path: Path,
+) -> None:
+    """Tansu here keeps topics in memory: a restart loses them (and the group's offsets). The daemon
+    reconnects by itself, and what is published after the restart is scored."""
+    cell, model = tiny_cell_and_model
+    topic, db = unique("signals"), unique("kafka_restart")
+    robots = robot_ids(2)
+    tansu.create_topic(topic, 4)
+    url = f"kafka://{tansu.bootstrap}/{topic}"
+    daemon = Daemon(
+        tmp_path, "d", config(model, influx, db, tmp_path, kafka_source(tansu, topic, unique("g")))
+    )
+    daemon.start()
+    try:
+        # more before the restart than after: the consumer's old positions lie past the new log's end,
+        # so it resets to the earliest offset (whatever the timing) instead of skipping messages
+        send(url, cell, robots, max_cycles=26)
+        part1 = expected_windows(cell, robots, max_cycles=26)
+        wait_stored(influx, db, len(part1), 60, [daemon])
+        tansu.stop()
+        tansu.start()
+        tansu.create_topic(topic, 4)
+        send(url, cell, robots, skip_cycles=26)
+        expected = expected_windows(cell, robots)
+        wait_stored(influx, db, len(expected), 120, [daemon])
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert_exactly_once(stored(influx, db), expected, reference_scores)
+
+
+def robots_covering_partitions(partitions: int) -> list[str]:
+    """Robot ids whose keys land on every partition (Kafka's default murmur2 partitioner)."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    partitioner = DefaultPartitioner()
+    for count in range(partitions, 64):
+        robots = robot_ids(count)
+        hit = {partitioner(r.encode(), list(range(partitions)), list(range(partitions))) for r in robots}
+        if len(hit) == partitions:
+            return robots
+    raise AssertionError("no robot set covers the partitions")
+
+
+def test_two_daemons_in_one_group_split_the_partitions(
+    tansu: TansuServer,
+    influx: InfluxServer,
+    tiny_cell_and_model: tuple[Path, Path],
+    reference_scores: dict[int, float],
+    tmp_path: Path,
+) -> None:
+    cell, model = tiny_cell_and_model
+    topic, db, group = unique("signals"), unique("kafka_group"), unique("g")
+    tansu.create_topic(topic, 4)
+    robots = robots_covering_partitions(4)
+    cfg = config(model, influx, db, tmp_path, kafka_source(tansu, topic, group))
+    a = Daemon(tmp_path, "a", cfg).start()
+    b = Daemon(tmp_path, "b", cfg).start()
+    try:
+
+        def split() -> bool:
+            held = [d.metric("cellwatch_kafka_assigned_partitions") for d in (a, b)]
+            return sum(held) == 4 and min(held) > 0
+
+        wait_until(split, 90, "the group to split the 4 partitions between both daemons", interval=0.2)
+        send(f"kafka://{tansu.bootstrap}/{topic}", cell, robots, max_cycles=8)
+        expected = expected_windows(cell, robots, max_cycles=8)
+        wait_stored(influx, db, len(expected), 120, [a, b])
+        scored = [d.metric("cellwatch_windows_scored_total") for d in (a, b)]
+        assert min(scored) > 0, f"one daemon did all the work: {scored}"
+        assert sum(scored) >= len(expected)
+        assert a.stop() == 0
+        assert b.stop() == 0
+    finally:
+        a.kill()
+        b.kill()
+    assert_exactly_once(stored(influx, db), expected, reference_scores)
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+
+def garbage(cell: Path, robot: str, limit: int) -> dict[str, bytes]:
+    """One bad payload per rejection reason, each built from a real message of the recording."""
+    import json
+
+    from ingest.messages import encode_json
+    from ingest.voraus import schema
+
+    batch = next(plan(cell, [robot], start_ns=T0 - 10**12, rows_per_message=5))
+    good = json.loads(encode_json(batch, schema.MACHINE_SIGNALS))
+    wrong_type = {**good, "time_ns": "yesterday"}
+    nan = {**good, "signals": {**good["signals"], "target_position_1": [float("nan")] * batch.rows}}
+    missing = {**good, "signals": {"target_position_1": good["signals"]["target_position_1"]}}
+    return {
+        "bad_json": json.dumps(good).encode()[:-40],
+        "wrong_type": json.dumps(wrong_type).encode(),
+        "nan": json.dumps(nan).encode(),  # Python writes the NaN literal, which strict JSON readers refuse
+        "missing_signals": json.dumps(missing).encode(),
+        "unknown_format": b"\x00\x01\x02 not a message",
+        "too_large": json.dumps({**good, "pad": "x" * (limit + 1)}).encode(),
+    }
+
+
+def test_garbage_is_rejected_counted_and_dead_lettered_while_good_traffic_flows(
+    tansu: TansuServer,
+    mosquitto: MosquittoServer,
+    influx: InfluxServer,
+    tiny_cell_and_model: tuple[Path, Path],
+    reference_scores: dict[int, float],
+    tmp_path: Path,
+) -> None:
+    """One daemon, two sources: garbage goes to both, interleaved with good traffic; each bad message is
+    counted under its reason (and on Kafka copied to the dead-letter topic), every good window lands."""
+    import aiomqtt
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    cell, model = tiny_cell_and_model
+    topic, dead, prefix, db = unique("signals"), unique("dead"), unique("cell"), unique("garbage")
+    tansu.create_topic(topic, 4)
+    tansu.create_topic(dead, 1)
+    limit = 2**20
+    cfg = config(
+        model,
+        influx,
+        db,
+        tmp_path,
+        kafka_source(tansu, topic, unique("g"), dead_letter_topic=dead, max_message_bytes=limit),
+    )
+    cfg["sources"].append(mqtt_source(mosquitto, prefix, unique("cw"), max_message_bytes=limit))
+    kafka_robots, mqtt_robots = robot_ids(2, "k"), robot_ids(2, "m")
+    bad = garbage(cell, "k1", limit)
+    bad_mqtt = garbage(cell, "m1", limit)  # a message naming another robot than its topic is rejected too
+    daemon = Daemon(tmp_path, "d", cfg).start()
+
+    async def send_garbage() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap, max_request_size=4 * limit)
+        await producer.start()
+        try:
+            for payload in bad.values():
+                await producer.send_and_wait(topic, payload, key=b"k1")
+        finally:
+            await producer.stop()
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            for payload in bad_mqtt.values():
+                await client.publish(f"{prefix}/m1/signals", payload, qos=1)
+
+    try:
+        send(f"kafka://{tansu.bootstrap}/{topic}", cell, kafka_robots, max_cycles=4)
+        asyncio.run(send_garbage())
+        send(f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/+/signals", cell, mqtt_robots, max_cycles=4)
+        send(f"kafka://{tansu.bootstrap}/{topic}", cell, kafka_robots, skip_cycles=4, max_cycles=4)
+        expected = expected_windows(cell, kafka_robots, max_cycles=8) | expected_windows(
+            cell, mqtt_robots, max_cycles=4
+        )
+        wait_stored(influx, db, len(expected), 90, [daemon])
+        for source in (f"kafka:{topic}", f"mqtt:{prefix}/+/signals"):
+            for reason in bad:
+                wait_until(
+                    lambda s=source, r=reason: (
+                        daemon.metric("cellwatch_rejects_total", source=s, reason=r) == 1
+                    ),
+                    30,
+                    f"{source} to count one {reason}",
+                )
+        assert daemon.metric("cellwatch_rejects_total") == 2 * len(bad)
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert_exactly_once(stored(influx, db), expected, reference_scores)
+
+    async def dead_letters() -> list[Any]:
+        consumer = AIOKafkaConsumer(dead, bootstrap_servers=tansu.bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            records: list[Any] = []
+            while len(records) < len(bad):
+                batches = await consumer.getmany(timeout_ms=5000)
+                if not batches:
+                    break
+                records += [r for rs in batches.values() for r in rs]
+            return records
+        finally:
+            await consumer.stop()
+
+    letters = asyncio.run(dead_letters())
+    reasons = sorted(dict(r.headers)["cellwatch-reason"].decode() for r in letters)
+    assert reasons == sorted(bad)
+    assert all(r.key == b"k1" for r in letters)
