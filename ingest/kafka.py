@@ -71,11 +71,6 @@ class OffsetTracker:
             self.position = first + 1
 
     @property
-    def assigned(self) -> int:
-        """Partitions this member of the group holds now."""
-        return len(self._consumer.assignment()) if self._consumer is not None else 0
-
-    @property
     def outstanding(self) -> int:
         return len(self._pending)
 
