@@ -182,9 +182,38 @@ class FileSinkConfig(_Strict):
     path: Path = Path("scores.jsonl")
 
 
+class MqttPublishConfig(_Strict):
+    """Scores and alerts published back to MQTT as JSON (a best-effort live feed; retained state)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str = Field(default="cellwatch-publisher", min_length=1, max_length=128)
+    score_topic: str = Field(default="cell/{robot}/anomaly", pattern=r"\{robot\}")
+    alert_topic: str = Field(default="cell/{robot}/alert", pattern=r"\{robot\}")
+    qos: Literal[0, 1, 2] = 1
+    retain: bool = True
+    username: str | None = None
+    password: SecretRef | None = None
+    tls: MqttTlsConfig | None = None
+    queue_points: int = Field(default=10_000, ge=1, le=10_000_000)
+
+
+class KafkaPublishConfig(_Strict):
+    """Scores and alerts published back to Kafka as JSON, keyed by robot id (best-effort live feed)."""
+
+    bootstrap: list[Annotated[str, Field(pattern=r"^[^:\s]+:\d{1,5}$")]] = Field(min_length=1)
+    score_topic: str = Field(default="cellwatch.scores", pattern=r"^[A-Za-z0-9._-]+$")
+    alert_topic: str = Field(default="cellwatch.alerts", pattern=r"^[A-Za-z0-9._-]+$")
+    client_id: str = "cellwatch-publisher"
+    security: KafkaSecurityConfig = KafkaSecurityConfig()
+    queue_points: int = Field(default=10_000, ge=1, le=10_000_000)
+
+
 class SinksConfig(_Strict):
     influxdb: InfluxConfig | None = None
     file: FileSinkConfig | None = None
+    mqtt: MqttPublishConfig | None = None
+    kafka: KafkaPublishConfig | None = None
 
     @model_validator(mode="after")
     def _default_file(self) -> SinksConfig:

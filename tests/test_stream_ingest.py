@@ -235,17 +235,54 @@ def test_mqtt_publish_to_influx_every_window_once(
     prefix, db = unique("cell"), unique("mqtt_e2e")
     robots = robot_ids(3)
     source = mqtt_source(mosquitto, prefix, unique("cw"))
-    daemon = Daemon(tmp_path, "d", config(model, influx, db, tmp_path, source)).start()
+    cfg = config(model, influx, db, tmp_path, source)
+    # and the scores published back, as retained state per robot
+    cfg["sinks"]["mqtt"] = {
+        "host": "127.0.0.1",
+        "port": mosquitto.port,
+        "score_topic": prefix + "/{robot}/anomaly",
+    }
+    daemon = Daemon(tmp_path, "d", cfg).start()
     try:
         send(f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/+/signals", cell, robots, fmt="arrow")
         expected = expected_windows(cell, robots)
         wait_stored(influx, db, len(expected), 90, [daemon])
         wait_until(lambda: daemon.metric("cellwatch_source_unacked") == 0, 30, "all messages acknowledged")
         assert daemon.metric("cellwatch_rejects_total") == 0
+        wait_until(
+            lambda: daemon.metric("cellwatch_feed_published_total") >= len(expected),
+            30,
+            "the feed to publish",
+        )
         assert daemon.stop() == 0
     finally:
         daemon.kill()
-    assert_exactly_once(stored(influx, db), expected, reference_scores)
+    got = stored(influx, db)
+    assert_exactly_once(got, expected, reference_scores)
+    retained = asyncio.run(retained_states(mosquitto, f"{prefix}/+/anomaly", len(robots)))
+    for robot in robots:
+        last = max(t for r, t in expected if r == robot)
+        assert retained[f"{prefix}/{robot}/anomaly"]["time_ns"] == last
+        assert retained[f"{prefix}/{robot}/anomaly"]["score"] == pytest.approx(got[(robot, last)][0])
+
+
+async def retained_states(mosquitto: MosquittoServer, topic: str, count: int) -> dict[str, Any]:
+    """What a dashboard connecting now sees: the retained message of each topic."""
+    import json
+
+    import aiomqtt
+
+    out: dict[str, Any] = {}
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+        await client.subscribe(topic, qos=1)
+        async with asyncio.timeout(20):
+            async for message in client.messages:
+                assert message.retain
+                assert isinstance(message.payload, bytes)
+                out[str(message.topic)] = json.loads(message.payload)
+                if len(out) == count:
+                    break
+    return out
 
 
 # -- crashes and restarts -----------------------------------------------------------------------------

@@ -102,6 +102,65 @@ def build_sources(config: Any, card: Any) -> tuple[list[Any], dict[str, int]]:
     return sources, start_ns
 
 
+def build_feeds(config: Any) -> list[Any]:
+    """The optional publish-back sinks (MQTT, Kafka): scores and alerts as a live feed."""
+    from daemon.sinks.kafka import KafkaPublishSink
+    from daemon.sinks.mqtt import MqttPublishSink
+    from ingest.mqtt import MqttTls
+
+    feeds: list[Any] = []
+    mqtt, kafka = config.sinks.mqtt, config.sinks.kafka
+    if mqtt is not None:
+        tls = mqtt.tls
+        feeds.append(
+            MqttPublishSink(
+                mqtt.host,
+                mqtt.port,
+                client_id=mqtt.client_id,
+                score_topic=mqtt.score_topic,
+                alert_topic=mqtt.alert_topic,
+                qos=mqtt.qos,
+                retain=mqtt.retain,
+                username=mqtt.username,
+                password=_secret(mqtt.password),
+                tls_context=MqttTls(
+                    ca_file=str(tls.ca_file) if tls.ca_file else None,
+                    cert_file=str(tls.cert_file) if tls.cert_file else None,
+                    key_file=str(tls.key_file) if tls.key_file else None,
+                ).context()
+                if tls
+                else None,
+                queue_points=mqtt.queue_points,
+            )
+        )
+    if kafka is not None:
+        feeds.append(
+            KafkaPublishSink(
+                kafka.bootstrap,
+                score_topic=kafka.score_topic,
+                alert_topic=kafka.alert_topic,
+                client_id=kafka.client_id,
+                security_options=_kafka_security(kafka.security).options(),
+                queue_points=kafka.queue_points,
+            )
+        )
+    return feeds
+
+
+def _kafka_security(sec: Any) -> Any:
+    from ingest.kafka import KafkaSecurity
+
+    return KafkaSecurity(
+        protocol=sec.protocol,
+        ca_file=str(sec.ca_file) if sec.ca_file else None,
+        cert_file=str(sec.cert_file) if sec.cert_file else None,
+        key_file=str(sec.key_file) if sec.key_file else None,
+        sasl_mechanism=sec.sasl_mechanism,
+        username=sec.username,
+        password=_secret(sec.password),
+    )
+
+
 def _secret(ref: Any) -> str | None:
     from daemon.logs import register_secret
 
@@ -113,24 +172,15 @@ def _secret(ref: Any) -> str | None:
 
 
 def _kafka(src: Any, card: Any) -> Any:
-    from ingest.kafka import KafkaSecurity, KafkaSource
+    from ingest.kafka import KafkaSource
 
-    sec = src.security
     return KafkaSource(
         bootstrap=src.bootstrap,
         topic=src.topic,
         group=src.group,
         signals=card.signals,
         client_id=src.client_id,
-        security=KafkaSecurity(
-            protocol=sec.protocol,
-            ca_file=str(sec.ca_file) if sec.ca_file else None,
-            cert_file=str(sec.cert_file) if sec.cert_file else None,
-            key_file=str(sec.key_file) if sec.key_file else None,
-            sasl_mechanism=sec.sasl_mechanism,
-            username=sec.username,
-            password=_secret(sec.password),
-        ),
+        security=_kafka_security(src.security),
         dead_letter_topic=src.dead_letter_topic,
         max_message_bytes=src.max_message_bytes,
         start_from=src.start_from,
@@ -235,6 +285,10 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         for sink in sinks:
             if isinstance(sink, InfluxSink):
                 await sink.start()
+        for feed in build_feeds(config):  # these need the running loop
+            await feed.start()  # never fails: a broker that is down is retried in the background
+            sinks.append(feed)
+            pipeline.sinks.append(feed)
         started = []
         try:
             for source in sources:
@@ -392,6 +446,11 @@ def collect_metrics(
         if hasattr(source, "outstanding"):  # messages received whose windows are not written yet
             out.append(("cellwatch_source_unacked", "gauge", {"source": source.name}, source.outstanding))
     for sink in sinks:
+        feed: Any = getattr(sink, "stats", None)
+        if feed is not None and hasattr(feed, "dropped"):  # publish-back feeds
+            name = type(sink).__name__
+            out.append(("cellwatch_feed_published_total", "counter", {"sink": name}, feed.published))
+            out.append(("cellwatch_feed_dropped_total", "counter", {"sink": name}, feed.dropped))
         if isinstance(sink, InfluxSink):
             out.append(("cellwatch_spool_bytes", "gauge", {}, sink.pending_bytes))
             out.append(("cellwatch_sink_retries_total", "counter", {}, sink.stats.retries))
