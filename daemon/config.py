@@ -261,13 +261,15 @@ class Config(_Strict):
 
 def _location(loc: tuple[Any, ...]) -> str:
     out = ""
+    previous: Any = None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("voraus_replay", "kafka", "mqtt"):  # discriminator tags pydantic inserts into the path
-            continue
+        elif isinstance(previous, int) and part in ("voraus_replay", "kafka", "mqtt"):
+            pass  # the discriminator tag pydantic inserts after a list index (sources[0].kafka.topic)
         else:
             out += f".{part}" if out else str(part)
+        previous = part
     return out or "(top level)"
 
 

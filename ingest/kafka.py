@@ -145,6 +145,7 @@ class KafkaSource:
             max_partition_fetch_bytes=self.max_message_bytes + 2**16,
             fetch_max_bytes=max(52428800, self.max_message_bytes + 2**16),
             session_timeout_ms=self.session_timeout_ms,
+            fetch_max_wait_ms=100,  # latency: the broker answers a fetch within 100 ms even when idle
             heartbeat_interval_ms=max(100, self.session_timeout_ms // 3),
             **options,
         )

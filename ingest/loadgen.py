@@ -137,8 +137,10 @@ async def publish(
     signals: Sequence[str] = schema.MACHINE_SIGNALS,
     on_message: Callable[[SignalBatch], None] | None = None,
     max_in_flight: int = 1000,
+    live: bool = False,
 ) -> PublishStats:
-    """Send the batches; real-time pacing from the first batch's timestamp, × speed."""
+    """Send the batches; real-time pacing from the first batch's timestamp, × speed. With `live`,
+    the timestamps are wall-clock times: each message leaves when its last sample's time has come."""
     encode = encode_arrow if fmt == "arrow" else encode_json
     stats = PublishStats()
     transport = _Kafka(target, max_in_flight) if target.scheme == "kafka" else _Mqtt(target, max_in_flight)
@@ -150,7 +152,11 @@ async def publish(
         for batch in batches:
             if first_ns is None:
                 first_ns = batch.time_ns
-            if math.isfinite(speed):
+            if live:
+                delay = (batch.end_ns - time.time_ns()) / 1e9
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif math.isfinite(speed):
                 due = started + (batch.end_ns - first_ns) / 1e9 / speed
                 delay = due - loop.time()
                 if delay > 0:  # pacing: a message leaves once its last sample has been taken

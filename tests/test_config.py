@@ -51,6 +51,35 @@ def test_there_are_samples() -> None:
         (with_(sources__0__type="amqp"), "sources[0]: Input tag 'amqp' found using 'type' does not match"),
         ({"sources": [BASE["sources"][0], BASE["sources"][0]], "model": BASE["model"]}, "repeated: ['r1']"),
         ({"model": BASE["model"]}, "sources: Field required"),
+        (
+            with_(sources=[{"type": "mqtt", "host": "h", "topic": "cell/signals"}]),
+            "sources[0].topic: String should match pattern",
+        ),
+        (
+            with_(sources=[{"type": "mqtt", "host": "h", "topic": "cell/+/+/signals"}]),
+            "topic needs exactly one '+' level, the robot id (got 'cell/+/+/signals')",
+        ),
+        (
+            with_(sources=[{"type": "kafka", "bootstrap": ["kafka"], "topic": "t"}]),
+            "sources[0].bootstrap[0]: String should match pattern",
+        ),
+        (
+            with_(
+                sources=[
+                    {
+                        "type": "kafka",
+                        "bootstrap": ["k:9092"],
+                        "topic": "t",
+                        "security": {"protocol": "SASL_SSL"},
+                    }
+                ]
+            ),
+            "sources[0].security: protocol SASL_SSL needs username and password",
+        ),
+        (
+            with_(sinks__mqtt={"host": "h", "score_topic": "cell/anomaly"}),
+            "sinks.mqtt.score_topic: String should match pattern",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_value(data: dict, message: str) -> None:
