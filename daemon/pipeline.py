@@ -29,6 +29,7 @@ from ingest.voraus.reader import Cycle
 log = logging.getLogger("cellwatch.pipeline")
 MEASUREMENT = "anomaly_score"
 ALERT_MEASUREMENT = "alert"
+EXPLAIN_BATCH = 4  # alerts localized per backward pass
 
 
 @dataclass
@@ -296,19 +297,23 @@ class Pipeline:
                 return
 
     def _explain(self, alerts: list[Alert]) -> list[Point]:
-        """Localize each alert's peak window: event time (Eq. 8.6 peak) and top signals."""
+        """Localize each alert's peak window: event time (Eq. 8.6 peak) and top signals. One batched
+        backward pass for all alerts closed together."""
         card = self.scorer.card
         dt_ns = round(1e9 / card.rate_hz)
-        for alert in alerts:
-            window = alert.peak_window
-            if isinstance(window, Window):
-                loc = self.scorer.localize(self.scorer.prepare_cycle(window.signals)[None], top=3)
+        peaks = [(a, a.peak_window) for a in alerts if isinstance(a.peak_window, Window)]
+        # small batches: a backward pass keeps every activation (tens of MB per whole cycle)
+        for chunk in (peaks[i : i + EXPLAIN_BATCH] for i in range(0, len(peaks), EXPLAIN_BATCH)):
+            prepared = np.stack([self.scorer.prepare_cycle(w.signals) for _, w in chunk])
+            loc = self.scorer.localize(prepared, top=3)
+            for i, (alert, window) in enumerate(chunk):
                 steps = min(len(window.signals), card.time_steps)
-                peak = int(np.argmax(loc.per_time[0][:steps]))
+                peak = int(np.argmax(loc.per_time[i][:steps]))
                 first_ns = window.time_ns - (len(window.signals) - 1) * dt_ns
                 alert.event_time_ns = first_ns + peak * dt_ns
                 alert.event_in_window_s = peak * dt_ns / 1e9
-                alert.top_signals = loc.top_signals[0]
+                alert.top_signals = loc.top_signals[i]
+        for alert in alerts:
             alert.peak_window = None  # do not keep the raw data around
             self.stats.alerts.append(alert)
         return [alert_point(a, self.model_name) for a in alerts]

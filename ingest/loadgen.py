@@ -3,9 +3,10 @@
 Every robot streams the file's cycles back to back, as a controller would: row i of the stream is
 sampled at ``start + i * period``; each message holds ``rows_per_message`` rows of one cycle (with
 its ``cycle`` marker, the row offset in the cycle, and ``cycle_end`` on a cycle's last message).
-Robot r is shifted by a fraction of a message, so the robots' messages interleave evenly instead of
-arriving in bursts. Messages go out in timestamp order, paced at ``speed`` × real time (or as fast as
-the broker takes them with an infinite speed).
+Robot r is shifted by r/N of `spread_s` (at least of one message), so the robots' messages and cycle
+ends interleave instead of arriving in bursts, as in a plant where cells do not run in lockstep.
+Messages go out in timestamp order, paced at ``speed`` × real time (or as fast as the broker takes
+them with an infinite speed).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def plan(
     test_split_only: bool = True,
     max_cycles: int | None = None,
     skip_cycles: int = 0,
+    spread_s: float = 0.0,
     signals: Sequence[str] = schema.MACHINE_SIGNALS,
 ) -> Iterator[SignalBatch]:
     """Every robot's messages, merged in order of their last sample's timestamp. The first
@@ -86,7 +88,9 @@ def plan(
     if rate is None:
         raise ValueError(f"{path}: cannot tell the sampling rate")
     period_ns = round(1e9 / rate)
-    shift = [(i * rows_per_message // max(len(robots), 1)) * period_ns for i in range(len(robots))]
+    # spread the robots' phases over `spread_s` (cells do not run in lockstep), on the sample grid
+    spread_rows = max(rows_per_message, round(spread_s * rate))
+    shift = [(i * spread_rows // max(len(robots), 1)) * period_ns for i in range(len(robots))]
     clock = [start_ns + s for s in shift]
     seq = [0] * len(robots)
     heap: list[tuple[int, int, int, SignalBatch]] = []
@@ -231,6 +235,7 @@ class _Mqtt:
             max_inflight_messages=self.max_in_flight,
             max_queued_outgoing_messages=0,
         )
+        self.client.pending_calls_threshold = self.max_in_flight + 1  # we bound them ourselves
         await self.client.__aenter__()
 
     async def send(self, robot: str, payload: bytes) -> None:

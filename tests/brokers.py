@@ -129,7 +129,7 @@ class MosquittoServer(_Process):
 allow_anonymous true
 persistence true
 persistence_location {data}/
-autosave_interval 1
+autosave_interval 30
 # queue everything for offline persistent sessions (the default 1000 drops bursts)
 max_queued_messages 0
 max_queued_bytes 0

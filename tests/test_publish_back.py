@@ -37,22 +37,6 @@ FAST: dict[str, Any] = {
 }  # quick reconnects once a broker is back
 
 
-@pytest.fixture(scope="module")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoServer]:
-    server = MosquittoServer(tmp_path_factory.mktemp("mosquitto"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuServer]:
-    server = TansuServer(tmp_path_factory.mktemp("tansu"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(autouse=True)
 def _collect_garbage() -> Iterator[None]:
     """Unclosed clients warn when collected: collect here, so a leak fails the test that made it."""

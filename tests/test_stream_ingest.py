@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,6 @@ from ingest.loadgen import Target, plan, publish, robot_ids
 
 pytestmark = pytest.mark.slow
 T0 = 1_714_543_200_000_000_000  # 2024-05-01 06:00 UTC: fixed, so expected timestamps are known
-
-
-@pytest.fixture(scope="module")
-def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuServer]:
-    server = TansuServer(tmp_path_factory.mktemp("tansu"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoServer]:
-    server = MosquittoServer(tmp_path_factory.mktemp("mosquitto"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +195,7 @@ def test_kafka_publish_to_influx_every_window_once(
             timeout=120,
         )
         assert result.returncode == 0, result.stderr
-        expected = expected_windows(cell, robots)
+        expected = expected_windows(cell, robots, spread_s=10.0)  # the CLI's default spread
         wait_stored(influx, db, len(expected), 90, [daemon])
         # every message is committed once its window is written: nothing left outstanding
         wait_until(lambda: daemon.metric("cellwatch_source_unacked") == 0, 30, "all offsets released")

@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
             ],
         ),
     ]
+    # the file sink appends: a rerun in the same directory must not report the previous run's alerts
+    (args.dir / "scores.jsonl").unlink(missing_ok=True)
     for title, argv in steps:
         console.rule(f"[bold]{title}")
         sub_args = parser.parse_args(argv)

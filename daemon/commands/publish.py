@@ -37,6 +37,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cycles", type=int, help="stop after this many cycles per robot")
     p.add_argument("--all-cycles", action="store_true", help="also send training (PRE_A) cycles")
     p.add_argument(
+        "--spread",
+        type=float,
+        default=10.0,
+        help="spread the robots' start times over this many seconds (default 10: cells not in lockstep)",
+    )
+    p.add_argument(
         "--start",
         help="timestamp of the first sample (ISO 8601 or ns since the epoch; default: now)",
     )
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         rows_per_message=args.rows_per_message,
         test_split_only=not args.all_cycles,
         max_cycles=args.cycles,
+        spread_s=args.spread,
     )
     console.print(f"publishing {args.file} as {len(robots)} robot(s) to {args.to} ({args.fmt})")
     with progress() as bar:

@@ -106,12 +106,10 @@ def build_feeds(config: Any) -> list[Any]:
     """The optional publish-back sinks (MQTT, Kafka): scores and alerts as a live feed."""
     from daemon.sinks.kafka import KafkaPublishSink
     from daemon.sinks.mqtt import MqttPublishSink
-    from ingest.mqtt import MqttTls
 
     feeds: list[Any] = []
     mqtt, kafka = config.sinks.mqtt, config.sinks.kafka
     if mqtt is not None:
-        tls = mqtt.tls
         feeds.append(
             MqttPublishSink(
                 mqtt.host,
@@ -123,13 +121,7 @@ def build_feeds(config: Any) -> list[Any]:
                 retain=mqtt.retain,
                 username=mqtt.username,
                 password=_secret(mqtt.password),
-                tls_context=MqttTls(
-                    ca_file=str(tls.ca_file) if tls.ca_file else None,
-                    cert_file=str(tls.cert_file) if tls.cert_file else None,
-                    key_file=str(tls.key_file) if tls.key_file else None,
-                ).context()
-                if tls
-                else None,
+                tls_context=tls.context() if (tls := _mqtt_tls(mqtt.tls)) else None,
                 queue_points=mqtt.queue_points,
             )
         )
@@ -145,6 +137,18 @@ def build_feeds(config: Any) -> list[Any]:
             )
         )
     return feeds
+
+
+def _mqtt_tls(tls: Any) -> Any:
+    from ingest.mqtt import MqttTls
+
+    if tls is None:
+        return None
+    return MqttTls(
+        ca_file=str(tls.ca_file) if tls.ca_file else None,
+        cert_file=str(tls.cert_file) if tls.cert_file else None,
+        key_file=str(tls.key_file) if tls.key_file else None,
+    )
 
 
 def _kafka_security(sec: Any) -> Any:
@@ -190,9 +194,8 @@ def _kafka(src: Any, card: Any) -> Any:
 
 
 def _mqtt(src: Any, card: Any) -> Any:
-    from ingest.mqtt import MqttSource, MqttTls
+    from ingest.mqtt import MqttSource
 
-    tls = src.tls
     return MqttSource(
         host=src.host,
         port=src.port,
@@ -201,13 +204,7 @@ def _mqtt(src: Any, card: Any) -> Any:
         signals=card.signals,
         username=src.username,
         password=_secret(src.password),
-        tls=MqttTls(
-            ca_file=str(tls.ca_file) if tls.ca_file else None,
-            cert_file=str(tls.cert_file) if tls.cert_file else None,
-            key_file=str(tls.key_file) if tls.key_file else None,
-        )
-        if tls
-        else None,
+        tls=_mqtt_tls(src.tls),
         session_expiry_s=src.session_expiry_s,
         receive_maximum=src.receive_maximum,
         max_message_bytes=src.max_message_bytes,
@@ -325,6 +322,7 @@ def execute(config: Any, config_path: Path | None = None) -> int:
                 notifier.ready()
                 return
             pipeline.scorer = scorer
+            pipeline.model_name = Path(fresh_config.model.path).name
             pipeline.batch = fresh_config.scoring.batch
             pipeline.max_wait_s = fresh_config.scoring.max_wait_ms / 1000
             pipeline.alert_options = fresh_config.alerts.model_dump()
