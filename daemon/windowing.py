@@ -87,6 +87,7 @@ class StreamWindower:
         self._parts: list[np.ndarray] = []
         self._rows = 0
         self._skipping: int | None = None  # a cycle whose rows are dropped (start missing, too long)
+        self._carry: list[Ack] = []  # acks of duplicates, released with the next window
         self._ready: list[Window] = []  # complete cycles not returned yet (their batch was rejected)
         # window mode: the last window-1 model-rate rows and the absolute index of the next one
         self._history: np.ndarray | None = None
@@ -120,7 +121,9 @@ class StreamWindower:
                 f"{self.robot}: rows from {time_ns} overlap rows already received (up to {self.last_ns})",
             )
         if ack is not None:
-            ack()  # older than anything held: its windows are written already
+            # older than anything held: scored already, but its window may still be on its way to the
+            # sinks. Released with this robot's next window, which is written after it.
+            self._carry.append(ack)
         raise StreamRejected("duplicate", f"{self.robot}: rows from {time_ns} were already scored")
 
     # -- cycle mode ---------------------------------------------------------------------------------
@@ -176,9 +179,15 @@ class StreamWindower:
         assert self.last_ns is not None
         raw = self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
         signals = np.ascontiguousarray(downsample(raw, self.divider), dtype=np.float32)
-        window = Window(self.robot, self._cycle, self.last_ns, signals, acks=self._release_all())
+        window = Window(
+            self.robot, self._cycle, self.last_ns, signals, acks=self._release_all() + self._carried()
+        )
         self._parts, self._rows, self._cycle = [], 0, None
         return window
+
+    def _carried(self) -> list[Ack]:
+        carried, self._carry = self._carry, []
+        return carried
 
     def _release_all(self) -> list[Ack]:
         acks = [h.ack for h in self.held if h.ack is not None]
@@ -232,7 +241,7 @@ class StreamWindower:
             if held.ack is not None:
                 acks.append(held.ack)
         label = cycle if cycle is not None else absolute // self.hop
-        return Window(self.robot, label, end_ns, signals, acks=acks)
+        return Window(self.robot, label, end_ns, signals, acks=acks + self._carried())
 
     def flush(self) -> list[Window]:
         """End of stream: a cycle still open is scored as it is (replay sources end cleanly)."""
