@@ -29,6 +29,9 @@ from ingest.voraus.reader import Cycle
 log = logging.getLogger("cellwatch.pipeline")
 MEASUREMENT = "anomaly_score"
 ALERT_MEASUREMENT = "alert"
+LOCALIZATION_MEASUREMENT = "localization"
+LOCALIZATION_BINS = 200  # time bins stored per localized window
+LOCALIZATION_SIGNALS = 5  # signals stored per localized window besides the total
 EXPLAIN_BATCH = 4  # alerts localized per backward pass
 
 
@@ -109,6 +112,38 @@ def alert_point(alert: Alert, model: str) -> Point:
         alert.start_ns,
         {"robot": alert.robot, "model": model},
     )
+
+
+def localization_points(
+    alert: Alert, window: Window, grad: np.ndarray, signals: Sequence[str], dt_ns: int, model: str
+) -> list[Point]:
+    """The temporal-analysis map of an alert's peak window (thesis Eq. 8.6) for a heatmap: per time bin
+    the contribution of all signals (`signal=(all)`) and of the top signals, scaled so the highest
+    total bin is 1. At most LOCALIZATION_BINS bins over the window's real (unpadded) samples."""
+    steps = min(len(window.signals), grad.shape[1])
+    per_step = grad[:, :steps]
+    width = -(-steps // LOCALIZATION_BINS)  # ceil
+    bins = -(-steps // width)
+    padded = np.zeros((per_step.shape[0], bins * width), dtype=np.float64)
+    padded[:, :steps] = per_step
+    binned = padded.reshape(per_step.shape[0], bins, width).sum(axis=2)
+    counts = np.minimum(width, steps - np.arange(bins) * width)
+    binned /= counts  # mean per step in each bin
+    total = binned.sum(axis=0)
+    scale = float(total.max()) or 1.0
+    first_ns = window.time_ns - (len(window.signals) - 1) * dt_ns
+    top = np.argsort(-per_step.sum(axis=1))[:LOCALIZATION_SIGNALS]
+    rows = [("(all)", total)] + [(signals[j], binned[j]) for j in top]
+    return [
+        Point(
+            LOCALIZATION_MEASUREMENT,
+            {"contribution": float(values[k] / scale), "peak_cycle": int(alert.peak_cycle)},
+            first_ns + k * width * dt_ns,
+            {"robot": alert.robot, "model": model, "signal": name},
+        )
+        for name, values in rows
+        for k in range(bins)
+    ]
 
 
 def to_point(result: Scored, model: str, mode: str, threshold: float) -> Point:
@@ -302,6 +337,7 @@ class Pipeline:
         card = self.scorer.card
         dt_ns = round(1e9 / card.rate_hz)
         peaks = [(a, a.peak_window) for a in alerts if isinstance(a.peak_window, Window)]
+        maps: list[Point] = []
         # small batches: a backward pass keeps every activation (tens of MB per whole cycle)
         for chunk in (peaks[i : i + EXPLAIN_BATCH] for i in range(0, len(peaks), EXPLAIN_BATCH)):
             prepared = np.stack([self.scorer.prepare_cycle(w.signals) for _, w in chunk])
@@ -313,10 +349,14 @@ class Pipeline:
                 alert.event_time_ns = first_ns + peak * dt_ns
                 alert.event_in_window_s = peak * dt_ns / 1e9
                 alert.top_signals = loc.top_signals[i]
+                if loc.maps is not None:
+                    maps += localization_points(
+                        alert, window, loc.maps[i], card.signals, dt_ns, self.model_name
+                    )
         for alert in alerts:
             alert.peak_window = None  # do not keep the raw data around
             self.stats.alerts.append(alert)
-        return [alert_point(a, self.model_name) for a in alerts]
+        return [alert_point(a, self.model_name) for a in alerts] + maps
 
     def moving(self, last_scored: int) -> bool:
         """For the watchdog: windows were scored since `last_scored`, or nothing is waiting to be."""

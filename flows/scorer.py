@@ -35,6 +35,7 @@ class Localization:
     per_time: NDArray[np.float64]  # (B, T) Σ_s |∂score/∂x(t, s)|
     per_signal: NDArray[np.float64]  # (B, S) Σ_t |∂score/∂x(t, s)|
     top_signals: list[list[tuple[str, float]]]  # per window: (signal, share of the total) best first
+    maps: NDArray[np.float32] | None = None  # (B, S, T) |∂score/∂x|: the full temporal-analysis map
 
 
 class Scorer:
@@ -119,4 +120,6 @@ class Scorer:
         shares = per_signal / np.maximum(per_signal.sum(axis=1, keepdims=True), 1e-300)
         order = np.argsort(-shares, axis=1)[:, :top]
         tops = [[(self.card.signals[j], float(shares[i, j])) for j in row] for i, row in enumerate(order)]
-        return Localization(per_time=per_time, per_signal=per_signal, top_signals=tops)
+        return Localization(
+            per_time=per_time, per_signal=per_signal, top_signals=tops, maps=g.astype(np.float32)
+        )

@@ -16,6 +16,7 @@ import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,9 @@ CASES = [
 class Cell:
     db: str
     scores: dict[str, list[list[Any]]]  # robot -> [time_ns, score, normalized, is_anomaly, cycle, threshold]
-    alerts: dict[str, list[list[Any]]]  # robot -> [start_ns, end_ns, peak_score, top_signals, text]
+    # robot -> [start_ns, end_ns, peak_score, top_signals, text, peak_cycle]
+    alerts: dict[str, list[list[Any]]]
+    localization: dict[str, list[list[Any]]]  # robot -> [time_ns, contribution, peak_cycle, signal]
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +198,8 @@ def cell(tmp_path_factory: pytest.TempPathFactory, influx: InfluxServer) -> Cell
     assert main(["run", "--config", str(root / "cellwatch.yaml")]) == 0
 
     fields = '"score", "normalized_score", "is_anomaly", "cycle", "threshold"'
-    alert_fields = '"end_ns", "peak_score", "top_signals", "text"'
-    scores, alerts = {}, {}
+    alert_fields = '"end_ns", "peak_score", "top_signals", "text", "peak_cycle"'
+    scores, alerts, localization = {}, {}, {}
     for robot in ROBOTS:
         scores[robot] = influx.series(
             f"SELECT {fields} FROM anomaly_score WHERE robot = '{robot}'", "dashboards"
@@ -204,12 +207,19 @@ def cell(tmp_path_factory: pytest.TempPathFactory, influx: InfluxServer) -> Cell
         alerts[robot] = influx.series(
             f"SELECT {alert_fields} FROM alert WHERE robot = '{robot}'", "dashboards"
         )
+        localization[robot] = influx.series(
+            f'SELECT "contribution", "peak_cycle", "signal" FROM localization WHERE robot = \'{robot}\'',
+            "dashboards",
+        )
         assert scores[robot], f"the daemon wrote no scores for {robot}"
         assert alerts[robot], f"the tiny model raises alerts for {robot}"
-        times = [r[0] for r in scores[robot]] + [a[1] for a in alerts[robot]]
+        assert {r[2] for r in localization[robot]} == {a[5] for a in alerts[robot]}, (
+            f"the daemon localizes the peak window of every alert of {robot}"
+        )
+        times = [r[0] for r in scores[robot] + localization[robot]] + [a[1] for a in alerts[robot]]
         assert min(times) >= FROM_MS * MS, "the dashboards' time range starts before the data"
         assert max(times) <= TO_MS * MS, "the dashboards' time range ends after the data"
-    return Cell("dashboards", scores, alerts)
+    return Cell("dashboards", scores, alerts, localization)
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +302,11 @@ def test_query_returns_the_series_written_for_the_selected_robots(
         alerts = sum(len(cell.alerts[r]) for r in robots)
         assert len(got) == alerts, f"{where}: {len(got)} rows for {alerts} alerts"
         return
-    assert measurement.group(1) == "anomaly_score", f"{where}: unknown measurement"
     grouped = re.search(r"GROUP BY time\((\d+)([smh])\)", text)
+    if measurement.group(1) == "localization":
+        check_localization(series, robots, cell, grouped, where)
+        return
+    assert measurement.group(1) == "anomaly_score", f"{where}: unknown measurement"
     for robot in robots:
         mine = [s for s in series if s.get("tags", {}).get("robot", robot) == robot]
         values = [row for s in mine for row in s["values"]]
@@ -305,6 +318,35 @@ def test_query_returns_the_series_written_for_the_selected_robots(
             )
         else:  # one aggregate per robot
             assert len(values) == 1, f"{where}: {len(values)} rows for {robot}, expected one"
+
+
+def check_localization(
+    series: list[dict[str, Any]],
+    robots: tuple[str, ...],
+    cell: Cell,
+    grouped: re.Match[str] | None,
+    where: str,
+) -> None:
+    """One series per signal written for the robot, `(all)` among them, contributions in [0, 1]."""
+    assert all("signal" in s.get("tags", {}) for s in series), f"{where}: not one series per signal"
+    for robot in robots:
+        mine = [s for s in series if s["tags"].get("robot", robot) == robot]
+        written: dict[str, list[int]] = {}  # signal -> times of its bins
+        for time_ns, _, _, signal in cell.localization[robot]:
+            written.setdefault(signal, []).append(time_ns)
+        shown = {s["tags"]["signal"]: [row for row in s["values"] if row[1] is not None] for s in mine}
+        assert set(shown) == set(written), f"{where}: the signals of {robot}"
+        assert "(all)" in shown, f"{where}: no (all) series (the sum over all signals) for {robot}"
+        values = [v for filled in shown.values() for row in filled for v in row[1:]]
+        assert all(0 <= v <= 1 for v in values), f"{where}: contributions outside [0, 1] for {robot}"
+        for signal, filled in shown.items():
+            if grouped:  # a value in every interval that has bins of the signal, none elsewhere
+                width = int(grouped.group(1)) * UNITS_NS[grouped.group(2)]
+                assert {row[0] for row in filled} == buckets(written[signal], width), (
+                    f"{where}: the intervals with data differ for {robot}, signal {signal}"
+                )
+            else:  # one aggregate per signal
+                assert len(filled) == 1, f"{where}: {len(filled)} rows for {robot}, {signal}, expected one"
 
 
 def test_every_panel_and_variable_has_a_query_that_is_tested() -> None:
@@ -431,6 +473,58 @@ def test_detail_localization_table_gives_each_alerts_event_time_and_top_signals(
             assert row["peak_score"] > 1, query.says("an alert peaks above the threshold")
 
 
+def test_detail_localization_heatmap_shows_each_alerts_peak_window_per_signal(
+    cell: Cell, influx: InfluxServer, datasource: dict[str, Any]
+) -> None:
+    title = "Temporal localization of alerts (heatmap)"
+    (panel,) = [p for p in all_panels(load_dashboard("robot-detail.json")) if p["title"] == title]
+    query = find("robot-detail.json", f'panel "{title}"')
+    # Grafana's heatmap takes the series as they come as its rows (no bucketing), named by the alias,
+    # the first series at the top
+    assert panel["type"] == "heatmap", query.says("the panel type")
+    assert panel["options"]["calculate"] is False, query.says("the heatmap would re-bucket the values")
+    assert panel["options"]["yAxis"]["reverse"] is True, query.says("the first row is not at the top")
+    assert [t["alias"] for t in panel["targets"]] == ["$tag_signal"], query.says("rows named by signal")
+    assert panel["options"]["color"]["min"] == 0, query.says("the color scale starts at 0")
+    assert panel["options"]["color"]["max"] == 1, query.says("the color scale ends at 1")
+    for robot in ROBOTS:
+        series = run(influx, datasource, query, interpolate(query.text, (robot,), multi=False))
+        heat = {s["tags"]["signal"]: dict(s["values"]) for s in series}
+        assert next(iter(heat)) == "(all)", query.says(f"(all) is the first series (top row) for {robot}")
+        # one regular time grid for every row: Grafana sizes all cells by its first two times
+        grids = {tuple(times) for times in heat.values()}
+        assert len(grids) == 1, query.says(f"the rows of {robot} do not share one time grid")
+        (grid,) = grids
+        assert {b - a for a, b in pairwise(grid)} == {INTERVAL_NS}, query.says(
+            f"the time grid of {robot} is not one row per interval"
+        )
+        # the cells: the highest contribution the daemon wrote per interval and signal, empty elsewhere
+        expected: dict[str, dict[int, float]] = {}
+        for time_ns, contribution, _, signal in cell.localization[robot]:
+            bucket = time_ns - time_ns % INTERVAL_NS
+            cells = expected.setdefault(signal, {})
+            cells[bucket] = max(cells.get(bucket, 0.0), contribution)
+        shown = {signal: {t: v for t, v in cells.items() if v is not None} for signal, cells in heat.items()}
+        assert set(shown) == set(expected), query.says(f"the rows of {robot}")
+        for signal, cells in shown.items():
+            assert cells == pytest.approx(expected[signal]), query.says(f"the cells of {robot}, {signal}")
+        # each alert's peak window peaks at 1.0 (dark red) in the (all) row; its top signals (at most 5)
+        # have their own rows, their cells never above the (all) cell
+        total = shown["(all)"]
+        for alert in cell.alerts[robot]:
+            bins = [r for r in cell.localization[robot] if r[2] == alert[5]]
+            peak = max((r for r in bins if r[3] == "(all)"), key=lambda r: r[1])
+            assert total[peak[0] - peak[0] % INTERVAL_NS] == pytest.approx(1.0), query.says(
+                f"the peak window of {robot}'s alert in cycle {alert[5]} does not reach 1.0"
+            )
+            signals = {r[3] for r in bins} - {"(all)"}
+            assert 1 <= len(signals) <= 5, query.says(f"top signals of {robot}'s alert in cycle {alert[5]}")
+        for signal, cells in shown.items():
+            assert all(0 <= v <= total[t] + 1e-9 for t, v in cells.items()), query.says(
+                f"{signal} of {robot} above the (all) row or outside [0, 1]"
+            )
+
+
 def test_alert_rule_is_over_threshold_exactly_in_minutes_with_flagged_windows(
     cell: Cell, influx: InfluxServer, datasource: dict[str, Any]
 ) -> None:
@@ -527,7 +621,7 @@ def test_datasource_takes_address_and_credentials_from_the_environment(
     assert datasource["url"] == influx.url
     assert datasource["database"] == cell.db
     shown = influx.series("SHOW MEASUREMENTS", datasource["database"])
-    assert sorted(m[0] for m in shown) == ["alert", "anomaly_score"]
+    assert sorted(m[0] for m in shown) == ["alert", "anomaly_score", "localization"]
 
 
 def test_dashboard_provider_loads_the_dashboards_into_the_cellwatch_folder() -> None:
