@@ -387,3 +387,19 @@ def test_kafka_close_gives_up_in_time_when_the_broker_goes_away(tmp_path: Path) 
         asyncio.run(run())
     finally:
         server.stop()
+
+
+def test_feeds_carry_scores_and_alerts_but_not_localization_maps() -> None:
+    """A localization map is hundreds of points per alert: it stays in InfluxDB, off the live feeds."""
+    from daemon.pipeline import LOCALIZATION_MEASUREMENT
+
+    async def queued() -> tuple[int, int]:
+        sink = MqttPublishSink("127.0.0.1", 1, client_id="feed-filter")  # never started: nothing is sent
+        kafka = KafkaPublishSink(["127.0.0.1:1"])
+        loc = Point(LOCALIZATION_MEASUREMENT, {"contribution": 1.0}, T0, {"robot": "r1", "signal": "(all)"})
+        for s in (sink, kafka):
+            await s.write([loc, loc])
+            await s.write([score("r1", 1, 3.0), alert("r1", 1)])
+        return sink.pending, kafka.pending
+
+    assert asyncio.run(queued()) == (2, 2)

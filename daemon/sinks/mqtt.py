@@ -40,6 +40,9 @@ from daemon.sinks.lineprotocol import Point
 log = logging.getLogger("cellwatch.sink.mqtt")
 
 ALERT_MEASUREMENT = "alert"  # daemon.pipeline.ALERT_MEASUREMENT (not imported: that pulls in the scorer)
+# what the feeds carry: scores and alerts; the localization maps (hundreds of points per alert) stay in
+# InfluxDB and the file sink
+FEED_MEASUREMENTS = frozenset({"anomaly_score", ALERT_MEASUREMENT})
 _TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\0": "_"})
 
 
@@ -201,7 +204,7 @@ class QueuedPublisher:
 
     async def write(self, points: Sequence[Point]) -> None:
         """Queue the points and return at once (never waits for the broker, never raises because of it)."""
-        items = [self._message(point) for point in points]
+        items = [self._message(point) for point in points if point.measurement in FEED_MEASUREMENTS]
         if items:
             self._drained.clear()
             self._backlog.put(items)
