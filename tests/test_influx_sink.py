@@ -15,7 +15,7 @@ from services import InfluxServer, free_port, wait_until
 
 from daemon.sinks.influx import InfluxSink, InfluxTarget, PermanentWriteError, TransientWriteError, post
 from daemon.sinks.lineprotocol import LineProtocolError, Point, encode, encode_batch
-from daemon.sinks.spool import Spool, SpoolFull
+from daemon.sinks.spool import Spool, SpoolFull, SpoolInUse
 
 T0 = 1_700_000_000_000_000_000
 
@@ -83,6 +83,32 @@ def test_spool_is_fifo_and_survives_reopening(tmp_path: Path) -> None:
         assert seen == [f"batch {i}".encode() for i in range(1, 10)]
         assert reopened.pending_bytes == 0
     assert len(list(tmp_path.glob("seg-*.log"))) == 1  # delivered segments are removed
+
+
+def test_a_spool_directory_serves_one_process_at_a_time(tmp_path: Path) -> None:
+    """Two daemons configured with one spool directory would overwrite each other's cursor: the second
+    is refused with a message naming the directory, and gets it once the first has closed it."""
+    import subprocess
+    import sys
+
+    first = Spool(tmp_path / "spool")
+    first.append(b"kept")
+    other_process = subprocess.run(
+        [sys.executable, "-c", f"from daemon.sinks.spool import Spool; Spool({str(tmp_path / 'spool')!r})"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert other_process.returncode != 0
+    assert "SpoolInUse" in other_process.stderr
+    assert f"spool directory {tmp_path / 'spool'} is in use by another process" in other_process.stderr
+    with pytest.raises(SpoolInUse):
+        Spool(tmp_path / "spool")  # in this process too
+    first.close()
+    with Spool(tmp_path / "spool") as again:
+        record = again.peek()
+        assert record is not None
+        assert record.payload == b"kept"
 
 
 def test_spool_cuts_a_torn_last_record(tmp_path: Path) -> None:

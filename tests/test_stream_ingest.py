@@ -433,7 +433,12 @@ def test_two_daemons_in_one_group_split_the_partitions(
     robots = robots_covering_partitions(4)
     cfg = config(model, influx, db, tmp_path, kafka_source(tansu, topic, group))
     a = Daemon(tmp_path, "a", cfg).start()
-    b = Daemon(tmp_path, "b", cfg).start()
+    # a second instance: same group, its own spool (one spool directory serves one process)
+    other = {
+        **cfg,
+        "sinks": {"influxdb": {**cfg["sinks"]["influxdb"], "spool_dir": str(tmp_path / "spool-b")}},
+    }
+    b = Daemon(tmp_path, "b", other).start()
     try:
 
         def split() -> bool:

@@ -252,15 +252,21 @@ def execute(config: Any, config_path: Path | None = None) -> int:
             token=token.get_secret_value() if token else None,
             timeout_s=influx.timeout_s,
         )
-        sinks.append(
-            InfluxSink(
-                target,
-                influx.spool_dir,
-                batch_points=influx.batch_points,
-                flush_interval_s=influx.flush_interval_ms / 1000,
-                spool_max_bytes=influx.spool_max_mb * 2**20,
+        try:
+            sinks.append(
+                InfluxSink(
+                    target,
+                    influx.spool_dir,
+                    batch_points=influx.batch_points,
+                    flush_interval_s=influx.flush_interval_ms / 1000,
+                    spool_max_bytes=influx.spool_max_mb * 2**20,
+                )
             )
-        )
+        except OSError as err:  # e.g. the spool directory is in use by another daemon
+            for source in sources:
+                if hasattr(source, "close"):
+                    source.close()
+            raise UsageError(f"sinks.influxdb.spool_dir: {err}") from err
     pipeline = Pipeline(
         sources,
         scorer,

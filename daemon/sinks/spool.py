@@ -9,6 +9,7 @@ already acknowledged are skipped, everything else is delivered in order. When th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
@@ -24,6 +25,10 @@ MAX_RECORD = 64 * 2**20
 
 class SpoolFull(Exception):
     """The spool holds `max_bytes`; the caller must wait for delivery (backpressure)."""
+
+
+class SpoolInUse(OSError):
+    """Another process has this spool directory open (two daemons must not share one)."""
 
 
 class SpoolCorrupt(Exception):
@@ -51,6 +56,15 @@ class Spool:
             raise ValueError("spool max_bytes and segment_bytes must be positive")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # one process per spool: a second daemon appending and acknowledging here would corrupt both
+        self._dir_lock = (self.dir / "lock").open("a")
+        try:
+            fcntl.flock(self._dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._dir_lock.close()
+            raise SpoolInUse(
+                f"spool directory {self.dir} is in use by another process (give each daemon its own)"
+            ) from None
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
@@ -179,6 +193,7 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._writer.close()
+        self._dir_lock.close()  # releases the lock
 
     def __enter__(self) -> Spool:
         return self
