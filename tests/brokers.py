@@ -141,3 +141,54 @@ log_type warning
 
     def command(self) -> list[str]:
         return [self.binary, "-c", str(self.config)]
+
+
+def make_tls(root: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (openssl CLI): (ca.pem, cert.pem, key.pem)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (
+        root / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
+    ext = root / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "1", "-subj", "/CN=cellwatch test CA",
+    )  # fmt: skip
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "1", "-extfile", str(ext),
+    )  # fmt: skip
+    return ca, cert, key
+
+
+class SecureMosquittoServer(MosquittoServer):
+    """Mosquitto with TLS only and a password file: no anonymous access."""
+
+    def __init__(self, root: Path, users: dict[str, str]) -> None:
+        super().__init__(root)
+        self.ca, cert, key = make_tls(root / "tls")
+        passwords = root / "passwd"
+        passwords.touch()
+        for user, password in users.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, password], check=True, timeout=30)
+        self.config.write_text(
+            self.config.read_text().replace("allow_anonymous true", "allow_anonymous false")
+            + f"cafile {self.ca}\ncertfile {cert}\nkeyfile {key}\npassword_file {passwords}\n"
+        )
