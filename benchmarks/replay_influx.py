@@ -49,7 +49,7 @@ def write_config(
     speed: float,
     test_split_only: bool = True,
     max_wait_ms: int = 50,
-    batch_points: int = 5000,
+    flush_interval_ms: int = 1000,
 ) -> Path:
     """A daemon config: one robot replaying --data with --model into `database`, on the CPU."""
     source = {
@@ -64,7 +64,7 @@ def write_config(
         "url": influx.url,
         "database": database,
         "spool_dir": str(path.parent / f"spool-{database}"),
-        "batch_points": batch_points,
+        "flush_interval_ms": flush_interval_ms,
     }
     config = {
         "sources": [source],
@@ -132,7 +132,7 @@ def main() -> None:
             "latency",
             speed=args.latency_speed,
             max_wait_ms=20,
-            batch_points=1,
+            flush_interval_ms=20,  # points leave memory for the spool within 20 ms
         )
         with VorausReader(args.data) as reader:
             meta = reader.meta()

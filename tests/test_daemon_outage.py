@@ -44,7 +44,7 @@ def write_config(
             "influxdb": {
                 "url": influx_url,
                 "database": database,
-                "batch_points": 1,  # every scored window is a spool record of its own: points land live
+                "flush_interval_ms": 20,  # points land live, not at the end of the replay
                 "spool_dir": str(tmp_path / f"spool-{database}"),
                 "timeout_s": 2,
             }

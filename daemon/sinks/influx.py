@@ -133,11 +133,11 @@ class InfluxSink:
     async def write(self, points: Iterable[Point]) -> None:
         """Accept points. They are durable once flushed to the spool: when `batch_points` have
         gathered, `flush_interval_s` after the first of them, or on an explicit `flush()`."""
-        for point in points:
-            self._buffer.append(point)
-            self.stats.points_accepted += 1
-            if len(self._buffer) >= self.batch_points:
-                await self.flush()
+        before = len(self._buffer)
+        self._buffer.extend(points)
+        self.stats.points_accepted += len(self._buffer) - before
+        if len(self._buffer) >= self.batch_points:
+            await self.flush()
         if self._buffer and self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.flush_interval_s, self._flush_soon)
@@ -157,11 +157,13 @@ class InfluxSink:
             if not self._buffer:
                 return
             batch, self._buffer = self._buffer, []
-            body = encode_batch(batch)
+            n = self.batch_points
+            # records of at most batch_points points (one request each), made durable together
+            bodies = [encode_batch(batch[i : i + n]) for i in range(0, len(batch), n)]
             delay = self.backoff_initial_s
             while True:
                 try:
-                    await asyncio.to_thread(self.spool.append, body)
+                    await asyncio.to_thread(self.spool.append_many, bodies)
                     break
                 except SpoolFull:  # backpressure: wait for delivery to make room, keep the batch
                     log.warning("spool full (%d bytes); waiting for InfluxDB", self.spool.max_bytes)

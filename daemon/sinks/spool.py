@@ -144,19 +144,30 @@ class Spool:
         return max(total - self._read_off, 0)
 
     def append(self, payload: bytes) -> None:
-        if len(payload) > MAX_RECORD:
-            raise ValueError(f"spool record of {len(payload)} bytes exceeds the {MAX_RECORD} byte limit")
+        self.append_many([payload])
+
+    def append_many(self, payloads: list[bytes]) -> None:
+        """Append records in order, durable together (one fsync); all or none when the spool is full."""
+        for payload in payloads:
+            if len(payload) > MAX_RECORD:
+                raise ValueError(f"spool record of {len(payload)} bytes exceeds the {MAX_RECORD} byte limit")
+        size = sum(len(p) + HEADER.size for p in payloads)
         with self._lock:
-            if self._pending_bytes() + len(payload) + HEADER.size > self.max_bytes:
+            if self._pending_bytes() + size > self.max_bytes:
                 raise SpoolFull(f"spool {self.dir} is full ({self.max_bytes} bytes)")
-            if self._writer.tell() >= self.segment_bytes:
-                self._writer.close()
-                self._write_seg += 1
-                self._writer = self._path(self._write_seg).open("ab")
-            self._writer.write(HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
-            self._writer.flush()
-            if self.fsync:
-                os.fsync(self._writer.fileno())
+            for payload in payloads:
+                if self._writer.tell() >= self.segment_bytes:
+                    self._sync()
+                    self._writer.close()
+                    self._write_seg += 1
+                    self._writer = self._path(self._write_seg).open("ab")
+                self._writer.write(HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
+            self._sync()
+
+    def _sync(self) -> None:
+        self._writer.flush()
+        if self.fsync:
+            os.fsync(self._writer.fileno())
 
     def peek(self) -> Record | None:
         """The oldest unacknowledged record, or None when everything is delivered."""
