@@ -5,7 +5,8 @@
   (per partition, in offset order): a crash or SIGKILL replays from there, so nothing is lost
   (at-least-once; the points' timestamps come from the data, so a replayed window overwrites itself).
 - Backpressure: when the pipeline falls behind, the fetched-but-unconsumed queue fills up and the
-  assigned partitions are paused (the consumer keeps polling, so it stays in its group); resumed
+  assigned partitions are paused. The fetch loop never blocks: it keeps polling (paused partitions
+  return nothing), so the consumer stays in its group however long the pipeline stalls; resumed
   below the low-water mark.
 - Malformed messages are counted by reason, optionally copied to a dead-letter topic with the reason
   in their headers, and committed past.
@@ -109,8 +110,11 @@ class KafkaSource:
         self.rejections = Rejections()
         self.messages_in = 0
         self.paused = False
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_messages)
-        self._high = max(1, queue_messages * 3 // 4)
+        # never blocks the fetch loop (it must keep polling to stay in the group); bounded by pausing
+        # the partitions at the high-water mark: at most one fetch (`_per_poll` records) beyond it
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._per_poll = max(1, min(500, queue_messages // 4))
+        self._high = queue_messages - self._per_poll
         self._low = queue_messages // 4
         self._trackers: dict[Any, OffsetTracker] = {}
         self._committed: dict[Any, int] = {}
@@ -174,7 +178,7 @@ class KafkaSource:
         last_commit = loop.time()
         while True:
             try:
-                batches = await consumer.getmany(timeout_ms=100, max_records=500)
+                batches = await consumer.getmany(timeout_ms=100, max_records=self._per_poll)
             except KafkaError as err:  # the client reconnects by itself; keep polling
                 log.warning("Kafka fetch failed, retrying: %s", err)
                 await asyncio.sleep(0.5)
@@ -205,7 +209,7 @@ class KafkaSource:
             await self._dead_letter(record, err)
             ack()
             return
-        await self._queue.put(Delivery(batch, once(ack)))
+        self._queue.put_nowait(Delivery(batch, once(ack)))
 
     async def _dead_letter(self, record: Any, err: MessageError) -> None:
         if self._producer is None:
