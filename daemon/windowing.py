@@ -5,8 +5,10 @@ Two modes, following the model card:
 - ``cycle``: rows are grouped by their cycle marker (voraus ``sample``); a cycle is complete when a
   message says ``cycle_end`` or the next cycle's first message arrives. Then it is downsampled to the
   model's rate and scored whole, exactly as a replayed cycle.
-- ``window``: a continuous sliding window over the stream. Window ends are aligned to the absolute
-  sample index (timestamp / period), so a restarted daemon cuts the very same windows again.
+- ``window``: when messages mark their cycles (``cycle`` and ``cycle_row``), windows are cut within
+  each cycle from its first row, as the model was trained, never across a cycle boundary. Otherwise a
+  continuous sliding window, its ends aligned to the absolute sample index (timestamp / period). Either
+  way a restarted daemon cuts the very same windows again.
 
 Every accepted message carries an ``ack`` callback (commit a Kafka offset, PUBACK an MQTT message).
 A message is released only with the window after which no future window needs its rows; the pipeline
@@ -53,6 +55,7 @@ class _Held:
     first_ns: int
     last_ns: int
     ack: Ack | None
+    last_index: int | None = None  # raw index of the last row within its cycle (cycle-aligned windows)
 
 
 class StreamWindower:
@@ -92,6 +95,7 @@ class StreamWindower:
         # window mode: the last window-1 model-rate rows and the absolute index of the next one
         self._history: np.ndarray | None = None
         self._next_index: int | None = None
+        self._window_cycle: int | None = None  # the cycle of cycle-aligned windows being cut
 
     def push(self, batch: SignalBatch, ack: Ack | None) -> list[Window]:
         """Add one message's rows; returns the windows it completes. Raises StreamRejected."""
@@ -107,6 +111,8 @@ class StreamWindower:
             return self._redelivered(time_ns, end_ns, ack)
         if self.mode == "cycle":
             return self._push_cycle(batch, end_ns, ack)
+        if batch.cycle is not None and batch.cycle_row is not None:
+            return self._push_cycle_windows(batch, end_ns, ack)
         return self._push_window(time_ns, end_ns, batch.signals, batch.cycle, ack)
 
     def _redelivered(self, time_ns: int, end_ns: int, ack: Ack | None) -> list[Window]:
@@ -220,6 +226,52 @@ class StreamWindower:
                 continue
             signals_w = rows[begin - rows_first : e - rows_first + 1].copy()
             out.append(self._emit_window(e, signals_w, cycle))
+        self._history = rows[-(self.window - 1) :] if self.window > 1 else rows[:0]
+        self._next_index = stop
+        return out
+
+    def _push_cycle_windows(self, batch: SignalBatch, end_ns: int, ack: Ack | None) -> list[Window]:
+        """Window mode on a stream that marks its cycles: windows are cut within each cycle from its
+        first row (start = k * hop), as the model was trained (`flows.preprocess.window_starts`),
+        never across a cycle boundary, and the same after a restart (`cycle_row` places every row)."""
+        assert batch.cycle is not None
+        assert batch.cycle_row is not None
+        if batch.cycle != self._window_cycle:
+            # a new cycle: the previous cycle's windows are all out; its messages are needed no more
+            # and ride with the next window (after those windows, in order)
+            self._carry += [h.ack for h in self.held if h.ack is not None]
+            self.held.clear()
+            self._history = None
+            self._window_cycle = batch.cycle
+        first = batch.cycle_row  # raw index of row 0 within the cycle
+        offset = (-first) % self.divider
+        kept = np.asarray(batch.signals[offset :: self.divider], dtype=np.float32)
+        index = (first + offset) // self.divider  # model-rate index of kept[0] within the cycle
+        if self._history is None or self._next_index != index:
+            # the cycle's first rows, or rows missing: windows never span a gap
+            self._history = np.zeros((0, batch.signals.shape[1]), dtype=np.float32)
+        self.held.append(_Held(batch.time_ns, end_ns, ack, first + batch.rows - 1))
+        self.last_ns = end_ns
+        rows = np.concatenate([self._history, kept]) if len(self._history) else kept
+        rows_first = index - len(self._history)
+        stop = index + len(kept)
+        out: list[Window] = []
+        # window ends e = k * hop + window - 1 within [index, stop), with the whole window available
+        first_end = max(self.window - 1, index)
+        first_end += (-(first_end + 1 - self.window)) % self.hop
+        for e in range(first_end, stop, self.hop):
+            begin = e - self.window + 1
+            if begin < rows_first:
+                continue
+            window_ns = batch.time_ns + (e * self.divider - first) * self.period_ns
+            next_first = (begin + self.hop) * self.divider  # raw index of the next window's first row
+            acks: list[Ack] = []
+            while self.held and (self.held[0].last_index or 0) < next_first:
+                held = self.held.popleft()
+                if held.ack is not None:
+                    acks.append(held.ack)
+            signals_w = rows[begin - rows_first : e - rows_first + 1].copy()
+            out.append(Window(self.robot, batch.cycle, window_ns, signals_w, acks=acks + self._carried()))
         self._history = rows[-(self.window - 1) :] if self.window > 1 else rows[:0]
         self._next_index = stop
         return out

@@ -634,3 +634,54 @@ def test_bad_modes_are_refused() -> None:
         StreamWindower(ROBOT, mode="sliding", period_ns=P)
     with pytest.raises(ValueError, match="window and hop"):
         StreamWindower(ROBOT, mode="window", period_ns=P, window=4)
+
+
+# -- window mode on a stream that marks its cycles ---------------------------------------------------------
+
+
+def training_windows(cycle: np.ndarray, window: int, hop: int, divider: int) -> list[np.ndarray]:
+    """The windows the model was trained on for this cycle (flows.preprocess)."""
+    from flows.preprocess import downsample, window_starts
+
+    ds = downsample(cycle, divider)
+    return [ds[s : s + window] for s in window_starts(len(ds), window, hop)]
+
+
+@pytest.mark.parametrize(
+    ("window", "hop", "divider", "rows_per_message"),
+    [(4, 2, 1, 3), (5, 3, 2, 4), (3, 3, 3, 7), (6, 1, 1, 10)],
+)
+def test_marked_cycles_are_windowed_within_each_cycle_as_in_training(
+    window: int, hop: int, divider: int, rows_per_message: int
+) -> None:
+    lengths = [23, 17, 30]
+    # and one more cycle, whose first window releases the messages of the last cycle checked
+    batches, data = cycle_stream([*lengths, window * divider], rows_per_message)
+    run = Run(StreamWindower(ROBOT, mode="window", period_ns=P, divider=divider, window=window, hop=hop))
+    run.feed(batches)
+    expected = [
+        (k + 1, w) for k, cycle in enumerate(data[:3]) for w in training_windows(cycle, window, hop, divider)
+    ]
+    checked = run.windows[: len(expected)]
+    assert [w.cycle for w in checked] == [c for c, _ in expected]
+    for got, (_, want) in zip(checked, expected, strict=True):
+        np.testing.assert_array_equal(got.signals, want)  # never across a cycle boundary
+        assert got.time_ns == T0 + int(got.signals[-1, 0]) * P  # stamped with its last row's time
+    # every message of the three cycles released exactly once (Run checks: never before its windows)
+    first_of_last = next(i for i, b in enumerate(batches) if b.cycle == 4)
+    assert run.calls()[:first_of_last] == [1] * first_of_last
+
+
+def test_cycle_aligned_windows_are_the_same_after_a_restart_mid_cycle() -> None:
+    batches, _ = cycle_stream([40, 40], 6)
+    full = Run(StreamWindower(ROBOT, mode="window", period_ns=P, window=8, hop=4)).feed(batches)
+    resumed = Run(StreamWindower(ROBOT, mode="window", period_ns=P, window=8, hop=4)).feed(batches[3:])
+    by_time = {w.time_ns: w for w in full.windows}
+    assert resumed.windows
+    for w in resumed.windows:
+        np.testing.assert_array_equal(w.signals, by_time[w.time_ns].signals)
+        assert w.cycle == by_time[w.time_ns].cycle
+    # from the resume point on, nothing is missing in the second cycle
+    assert {w.time_ns for w in resumed.windows if w.cycle == 2} == {
+        w.time_ns for w in full.windows if w.cycle == 2
+    }
