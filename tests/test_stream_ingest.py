@@ -570,3 +570,67 @@ def test_garbage_is_rejected_counted_and_dead_lettered_while_good_traffic_flows(
     reasons = sorted(dict(r.headers)["cellwatch-reason"].decode() for r in letters)
     assert reasons == sorted(bad)
     assert all(r.key == b"k1" for r in letters)
+
+
+def test_window_mode_model_over_mqtt_scores_the_windows_it_was_trained_on(
+    mosquitto: MosquittoServer, tiny_cell_and_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A window-mode model fed by a stream: every window of each cycle (cut from the cycle's first row, as
+    in training) is scored once, with the score of that window computed directly from the file."""
+    import json
+
+    from daemon.cli import main
+    from flows.artifact import load_model
+    from flows.preprocess import downsample, window_starts
+    from flows.scorer import Scorer
+    from ingest.voraus.reader import VorausReader
+
+    cell, _ = tiny_cell_and_model
+    model_dir = tmp_path / "window-model"
+    train = ["--rate-divider", "10", "--epochs", "2", "--mode", "window", "--window", "32", "--hop", "16"]
+    assert main(["train", "--data", str(cell), "--out", str(model_dir), *train]) == 0
+    model = load_model(model_dir)
+    scorer = Scorer(model, device="cpu")
+    divider, w, h = 10, 32, 16
+    robots, cycles = ["w1"], 3
+    # expected: (time of the window's last sample) -> score, for the first test cycles as sent
+    expected: dict[int, float] = {}
+    starts = [b.time_ns for b in plan(cell, robots, start_ns=T0, max_cycles=cycles) if b.cycle_row == 0]
+    with VorausReader(cell, model.card.signals) as reader:
+        test_cycles = [c for c in reader.cycles() if not c.is_train][:cycles]
+    period = round(1e9 / (model.card.rate_hz * divider))
+    for start_ns, cycle in zip(starts, test_cycles, strict=True):
+        ds = np.asarray(downsample(cycle.signals, divider), dtype=np.float32)
+        for s in window_starts(len(ds), w, h):
+            x = scorer.prepare_cycle(ds[s : s + w])
+            expected[start_ns + (s + w - 1) * divider * period] = float(scorer.score(x[None]).raw[0])
+
+    prefix = unique("win")
+    scores = tmp_path / "scores.jsonl"
+    cfg = {
+        "sources": [mqtt_source(mosquitto, prefix, unique("cw"))],
+        "model": {"path": str(model_dir)},
+        "sinks": {"file": {"path": str(scores)}},
+        "state_dir": str(tmp_path),
+    }
+    daemon = Daemon(tmp_path, "d", cfg).start()
+
+    def got() -> dict[int, float]:
+        if not scores.exists():
+            return {}
+        lines = [json.loads(line) for line in scores.read_text().splitlines()]
+        return {p["time_ns"]: p["score"] for p in lines if p["measurement"] == "anomaly_score"}
+
+    try:
+        send(f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/+/signals", cell, robots, max_cycles=cycles)
+        # the last cycle's last window is out as soon as its rows are: all expected windows arrive
+        wait_until(lambda: set(got()) >= set(expected), 60, f"{len(expected)} windows")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    stored = got()
+    assert set(stored) == set(expected)
+    lines = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert sum(p["measurement"] == "anomaly_score" for p in lines) == len(expected)  # each window once
+    for t, score in expected.items():
+        assert stored[t] == pytest.approx(score, rel=1e-3, abs=1e-3)
