@@ -148,11 +148,11 @@ async def publish(
     encode = encode_arrow if fmt == "arrow" else encode_json
     stats = PublishStats()
     transport = _Kafka(target, max_in_flight) if target.scheme == "kafka" else _Mqtt(target, max_in_flight)
-    await transport.start()
     loop = asyncio.get_running_loop()
     started = loop.time()
     first_ns: int | None = None
     try:
+        await transport.start()
         for batch in batches:
             if first_ns is None:
                 first_ns = batch.time_ns

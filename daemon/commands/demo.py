@@ -19,7 +19,10 @@ from daemon.cli_support import UsageError, console, progress
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
-        help="main job on embedded defaults: simulate a small cell, train MVT-Flow, evaluate it",
+        help=(
+            "main job on embedded defaults: simulate a small cell, train MVT-Flow, evaluate it, replay it "
+            "through the daemon, write the report"
+        ),
         description=(
             "Simulate a small pick-and-place cell (all 12 anomaly categories), inspect it, train a small "
             "MVT-Flow (20 Hz, 30 epochs) and evaluate it next to the 1-NN and PCA baselines."
