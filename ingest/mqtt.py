@@ -71,6 +71,7 @@ class MqttSource:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         connect_timeout_s: float = 10.0,
+        stall_after_s: float = 30.0,
     ) -> None:
         self.name = f"mqtt:{topic}"
         self.host = host
@@ -88,6 +89,9 @@ class MqttSource:
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
         self.connect_timeout_s = connect_timeout_s
+        self.stall_after_s = stall_after_s
+        self.stalled = False  # Receive Maximum reached and nothing acknowledged for stall_after_s
+        self._watch: asyncio.Task[None] | None = None
         self.rejections = Rejections()
         self.messages_in = 0
         self.reconnects = 0
@@ -140,6 +144,30 @@ class MqttSource:
         except (aiomqtt.MqttError, OSError) as err:
             raise SourceUnavailable(f"MQTT broker {self.host}:{self.port}: {err}") from None
         log.info("MQTT connected to %s:%d as %s, topic %s", self.host, self.port, self.client_id, self.topic)
+        self._watch = asyncio.create_task(self._watch_flow(), name=f"mqtt-flow-{self.topic}")
+
+    async def _watch_flow(self) -> None:
+        """Say so when the broker has sent Receive Maximum messages and none is acknowledged for a
+        while: in cycle mode that is a deadlock if robots x messages per cycle exceed the maximum."""
+        full_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.stall_after_s / 4))  # a periodic check, not a wait
+            if self.unacked < self.receive_maximum:
+                if self.stalled:
+                    log.info("MQTT flow resumed (%d messages unacknowledged)", self.unacked)
+                full_since, self.stalled = None, False
+                continue
+            full_since = full_since if full_since is not None else loop.time()
+            if not self.stalled and loop.time() - full_since >= self.stall_after_s:
+                self.stalled = True
+                log.error(
+                    "MQTT flow stalled: %d messages (receive_maximum) held unacknowledged for %.0f s. "
+                    "Either a sink is blocking the pipeline, or receive_maximum is too small to hold "
+                    "one open cycle per robot (robots x messages per cycle): raise it",
+                    self.unacked,
+                    self.stall_after_s,
+                )
 
     def _ack(self, client: Any, generation: int, mid: int) -> None:
         if generation != self._generation:
@@ -198,6 +226,10 @@ class MqttSource:
         return self.unacked
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.__aexit__(None, None, None)

@@ -443,6 +443,8 @@ def collect_metrics(
                 ("cellwatch_kafka_assigned_partitions", "gauge", {"source": source.name}, source.assigned)
             )
             out.append(("cellwatch_source_paused", "gauge", {"source": source.name}, int(source.paused)))
+        if hasattr(source, "stalled"):
+            out.append(("cellwatch_mqtt_stalled", "gauge", {"source": source.name}, int(source.stalled)))
         if hasattr(source, "reconnects"):
             out.append(
                 ("cellwatch_mqtt_reconnects_total", "counter", {"source": source.name}, source.reconnects)
