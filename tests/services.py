@@ -6,6 +6,7 @@ by its PID. Nothing here is a fake.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def poll(condition: Callable[[], bool], seconds: float) -> None:
+    """`wait_until` inside an event loop: wait for another component's state (it has no event)."""
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
 
 def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.05) -> None:

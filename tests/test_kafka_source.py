@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from brokers import TansuServer
+from services import poll
 
 from ingest.kafka import KafkaSource
 from ingest.loadgen import Target, plan, publish
@@ -17,13 +17,6 @@ from ingest.voraus import schema
 
 pytestmark = pytest.mark.slow
 T0 = 1_714_543_200_000_000_000
-
-
-async def poll(condition: Callable[[], bool], seconds: float) -> None:
-    """Wait for another component's state (polled: it has no event to wait on)."""
-    async with asyncio.timeout(seconds):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
 
 
 def test_a_slow_pipeline_pauses_the_partitions_and_loses_nothing(

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from brokers import MosquittoServer
+from services import poll
 
 from ingest.loadgen import Target, plan, publish
 from ingest.mqtt import MqttSource
@@ -19,13 +19,6 @@ from ingest.voraus import schema
 
 pytestmark = pytest.mark.slow
 T0 = 1_714_543_200_000_000_000
-
-
-async def poll(condition: Callable[[], bool], seconds: float) -> None:
-    """Wait for another component's state (polled: it has no event to wait on)."""
-    async with asyncio.timeout(seconds):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
 
 
 def test_receive_maximum_bounds_what_is_in_flight_and_a_stall_is_reported(
