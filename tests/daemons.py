@@ -32,7 +32,7 @@ class Daemon:
         self.stderr = root / f"{name}.err"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready_timeout: float = 60) -> Daemon:
+    def start(self, ready_timeout: float = 60, *, wait_ready: bool = True) -> Daemon:
         """Start and wait until the metrics endpoint answers (it opens once sources and sinks are up)."""
         with self.stderr.open("ab") as err, (self.root / f"{self.name}.out").open("ab") as out:
             self.proc = subprocess.Popen(
@@ -40,6 +40,8 @@ class Daemon:
                 stdout=out,
                 stderr=err,
             )
+        if not wait_ready:
+            return self
         wait_until(
             lambda: self.metrics() is not None or not self.alive, ready_timeout, f"daemon {self.name} ready"
         )
