@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from daemon.alerts import Alert, AlertTracker
+from daemon.layout import ALERT_MEASUREMENT, LOCALIZATION_MEASUREMENT, SCORE_MEASUREMENT
 from daemon.sinks.lineprotocol import Point
 from daemon.windowing import StreamRejected, StreamWindower, Window
 from flows.preprocess import downsample, window_starts
@@ -27,9 +28,7 @@ from ingest.stream import Rejections
 from ingest.voraus.reader import Cycle
 
 log = logging.getLogger("cellwatch.pipeline")
-MEASUREMENT = "anomaly_score"
-ALERT_MEASUREMENT = "alert"
-LOCALIZATION_MEASUREMENT = "localization"
+MEASUREMENT = SCORE_MEASUREMENT
 LOCALIZATION_BINS = 200  # time bins stored per localized window
 LOCALIZATION_SIGNALS = 5  # signals stored per localized window besides the total
 EXPLAIN_BATCH = 4  # alerts localized per backward pass

@@ -24,13 +24,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike, NDArray
 
+from daemon.layout import ALERT_MEASUREMENT
 from flows.metrics import CategoryAUROC, roc_curve
 from flows.preprocess import window_starts
 
 DPI = 100
 NORMAL_COLOR = "#7f7f7f"
 THRESHOLD_COLOR = "#d62728"
-ALERT_MEASUREMENT = "alert"  # as written by daemon.pipeline.alert_point
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from daemon.layout import ALERT_MEASUREMENT, SCORE_MEASUREMENT
 from daemon.sinks.lineprotocol import Point
 
 log = logging.getLogger("cellwatch.sink.mqtt")
 
-ALERT_MEASUREMENT = "alert"  # daemon.pipeline.ALERT_MEASUREMENT (not imported: that pulls in the scorer)
 # what the feeds carry: scores and alerts; the localization maps (hundreds of points per alert) stay in
 # InfluxDB and the file sink
-FEED_MEASUREMENTS = frozenset({"anomaly_score", ALERT_MEASUREMENT})
+FEED_MEASUREMENTS = frozenset({SCORE_MEASUREMENT, ALERT_MEASUREMENT})
 _TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\0": "_"})
 
 
