@@ -106,32 +106,12 @@ class KafkaPublishSink(QueuedPublisher):
 
         backoff = self.reconnect_min_s
         failing = False
-        attempts = 0
         try:
             while True:
                 if self._producer is None:
-                    attempts += 1
-                    try:
-                        self._producer = await self._start_producer()
-                    except (KafkaError, OSError) as err:
-                        self.stats.last_error = str(err)
-                        self._attempted(False)
-                        self.log.warning(
-                            "Kafka %s unreachable (%s); retrying in %.1f s, %d messages queued",
-                            ",".join(self.bootstrap),
-                            err,
-                            backoff,
-                            self.pending,
-                        )
-                        await asyncio.sleep(jittered(backoff))  # reconnect backoff
-                        backoff = min(backoff * 2, self.reconnect_max_s)
-                        continue
-                    if attempts > 1:
-                        self.stats.reconnects += 1
-                    self._attempted(True)
-                    self.log.info("Kafka publishing to %s as %s", ",".join(self.bootstrap), self.client_id)
-                    self._backlog.report()
-                    backoff = self.reconnect_min_s
+                    self._producer = await self._connect_with_backoff(
+                        self._start_producer, (KafkaError, OSError), f"Kafka {','.join(self.bootstrap)}"
+                    )
                 if not self._backlog:
                     self._update_drained()
                     await self._wait_for_messages()

@@ -31,7 +31,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +161,9 @@ class QueuedPublisher:
     """The non-blocking half of a publish sink: `write` queues, a background task (`_run`) delivers."""
 
     what = "publish sink"
+    client_id: str
+    reconnect_min_s: float
+    reconnect_max_s: float
 
     def __init__(self, queue_points: int, logger: logging.Logger) -> None:
         self.stats = PublishStats()
@@ -170,6 +173,7 @@ class QueuedPublisher:
         self._drained.set()
         self._task: asyncio.Task[None] | None = None
         self._first_attempt: asyncio.Future[bool] | None = None
+        self._attempts = 0  # connection attempts so far
 
     # subclasses
     def _message(self, point: Point) -> Outgoing:
@@ -242,6 +246,36 @@ class QueuedPublisher:
     def _update_drained(self) -> None:
         if self.pending == 0:
             self._drained.set()
+
+    async def _connect_with_backoff(
+        self, connect: Callable[[], Awaitable[Any]], errors: tuple[type[BaseException], ...], where: str
+    ) -> Any:
+        """`connect()` until it works, with jittered exponential backoff; a connection made after a
+        failed attempt or a lost one counts as a reconnect. The first attempt ends `start()`."""
+        backoff = self.reconnect_min_s
+        while True:
+            self._attempts += 1
+            try:
+                client = await connect()
+            except errors as err:
+                self.stats.last_error = str(err)
+                self._attempted(False)
+                self.log.warning(
+                    "%s unreachable (%s); retrying in %.1f s, %d messages queued",
+                    where,
+                    err,
+                    backoff,
+                    self.pending,
+                )
+                await asyncio.sleep(jittered(backoff))  # reconnect backoff
+                backoff = min(backoff * 2, self.reconnect_max_s)
+                continue
+            if self._attempts > 1:
+                self.stats.reconnects += 1
+            self._attempted(True)
+            self.log.info("publishing to %s as %s", where, self.client_id)
+            self._backlog.report()
+            return client
 
     async def _wait_for_messages(self) -> None:
         self._backlog.wake.clear()
@@ -350,33 +384,11 @@ class MqttPublishSink(QueuedPublisher):
     async def _run(self) -> None:
         import aiomqtt
 
-        backoff = self.reconnect_min_s
-        attempts = 0
         while True:
-            attempts += 1
-            try:
-                client = await self._connect()
-            except (aiomqtt.MqttError, OSError) as err:
-                self.stats.last_error = str(err)
-                self._attempted(False)
-                self.log.warning(
-                    "MQTT broker %s:%d unreachable (%s); retrying in %.1f s, %d messages queued",
-                    self.host,
-                    self.port,
-                    err,
-                    backoff,
-                    self.pending,
-                )
-                await asyncio.sleep(jittered(backoff))  # reconnect backoff
-                backoff = min(backoff * 2, self.reconnect_max_s)
-                continue
-            if attempts > 1:
-                self.stats.reconnects += 1
+            client = await self._connect_with_backoff(
+                self._connect, (aiomqtt.MqttError, OSError), f"MQTT broker {self.host}:{self.port}"
+            )
             self.connected = True
-            self._attempted(True)
-            self.log.info("MQTT publishing to %s:%d as %s", self.host, self.port, self.client_id)
-            self._backlog.report()
-            backoff = self.reconnect_min_s
             try:
                 await self._pump(client)
             except aiomqtt.MqttError as err:
