@@ -16,7 +16,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from services import free_port, wait_until
+from services import ServerProcess, free_port
 
 
 def _listening(port: int) -> bool:
@@ -27,40 +27,15 @@ def _listening(port: int) -> bool:
         return False
 
 
-class _Process:
-    name = "server"
+class _Process(ServerProcess):
+    """A broker listening on 127.0.0.1:<port>; ready once the port accepts connections."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        super().__init__(root)
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        log = (self.root / f"{self.name}.log").open("ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.root)
-        log.close()
-        wait_until(
-            lambda: _listening(self.port) or self.proc is None or self.proc.poll() is not None,
-            30,
-            f"{self.name} on port {self.port}",
-        )
-        if not _listening(self.port):
-            raise RuntimeError(f"{self.name} did not start: see {self.root / (self.name + '.log')}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        wait_until(lambda: not _listening(self.port), 10, f"{self.name} to close port {self.port}")
+    def ready(self) -> bool:
+        return _listening(self.port)
 
 
 class TansuServer(_Process):

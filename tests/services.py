@@ -42,20 +42,59 @@ def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.05
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-class InfluxServer:
-    """InfluxDB 1.x (Debian's influxd) on private ports with its data in `root`."""
+class ServerProcess:
+    """A server run from `root`: `start()` waits until `ready()` (polled, never slept on), `stop()`
+    terminates it by PID and waits until it no longer answers. Subclasses give the command and the
+    readiness check."""
+
+    name = "server"
 
     def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        log_path = self.root / f"{self.name}.log"
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.root)
+        proc = self.proc
+        wait_until(lambda: self.ready() or proc.poll() is not None, 30, f"{self.name} ready")
+        if not self.ready():
+            raise RuntimeError(f"{self.name} did not start: see {log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        wait_until(lambda: not self.ready(), 10, f"{self.name} to stop answering")
+
+
+class InfluxServer(ServerProcess):
+    """InfluxDB 1.x (Debian's influxd) on private ports with its data in `root`."""
+
+    name = "influxd"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
         self.binary = shutil.which("influxd")
         if self.binary is None:
             raise RuntimeError("influxd is not installed (.ci/setup installs Debian's influxdb package)")
-        self.root = root
         self.http_port = free_port()
         self.rpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.proc: subprocess.Popen[bytes] | None = None
         self.config = root / "influxdb.conf"
-        root.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
             f"""reporting-disabled = true
 bind-address = "127.0.0.1:{self.rpc_port}"
@@ -82,29 +121,12 @@ bind-address = "127.0.0.1:{self.rpc_port}"
         except (urllib.error.URLError, OSError):
             return False
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
         assert self.binary is not None
-        log = (self.root / "influxd.log").open("ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "run", "-config", str(self.config)], stdout=log, stderr=log
-        )
-        log.close()
-        wait_until(
-            lambda: self.ping() or self.proc is None or self.proc.poll() is not None, 30, "influxd /ping"
-        )
-        if not self.ping():
-            raise RuntimeError(f"influxd did not start: see {self.root / 'influxd.log'}")
+        return [self.binary, "run", "-config", str(self.config)]
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        wait_until(lambda: not self.ping(), 10, "influxd to stop answering")
+    def ready(self) -> bool:
+        return self.ping()
 
     def create_database(self, name: str) -> None:
         body = urllib.parse.urlencode({"q": f'CREATE DATABASE "{name}"'}).encode()
