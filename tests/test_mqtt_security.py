@@ -28,10 +28,8 @@ T0 = 1_714_543_200_000_000_000
 
 @pytest.fixture(scope="module")
 def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMosquittoServer]:
-    server = SecureMosquittoServer(tmp_path_factory.mktemp("mosquitto-tls"), {"cellwatch": PASSWORD})
-    server.start()
-    yield server
-    server.stop()
+    with SecureMosquittoServer(tmp_path_factory.mktemp("mosquitto-tls"), {"cellwatch": PASSWORD}) as server:
+        yield server
 
 
 def config(broker: SecureMosquittoServer, model: Path, root: Path, password_file: Path) -> dict:
