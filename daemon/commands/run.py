@@ -84,22 +84,27 @@ def build_sources(config: Any, card: Any) -> tuple[list[Any], dict[str, int]]:
             source = VorausReplaySource(
                 src.path, src.robot, card.signals, speed=src.speed, test_split_only=src.test_split_only
             )
+            sources.append(source)
             rate = source.reader.rate_hz
             if rate is None or abs(rate / divider - card.rate_hz) > 1e-6:
-                source.close()
-                raise UsageError(
+                raise ValueError(
                     f"{src.path}: sampling rate {rate} Hz / divider {divider} does not match the model's "
                     f"{card.rate_hz:g} Hz"
                 )
-            sources.append(source)
             start = src.start.timestamp() if src.start else int(src.path.stat().st_mtime)
             start_ns[src.robot] = int(start * 1e9)
     except (IngestError, OSError, ConfigError, ValueError) as err:
-        for source in sources:
-            if hasattr(source, "close"):
-                source.close()
+        close_unstarted(sources)
         raise UsageError(str(err)) from err
     return sources, start_ns
+
+
+def close_unstarted(sources: list[Any]) -> None:
+    """Start-up failed: release what the sources opened (replay readers; stream sources open nothing
+    before `start()`)."""
+    for source in sources:
+        if hasattr(source, "close"):
+            source.close()
 
 
 def build_feeds(config: Any) -> list[Any]:
@@ -263,9 +268,7 @@ def execute(config: Any, config_path: Path | None = None) -> int:
                 )
             )
         except OSError as err:  # e.g. the spool directory is in use by another daemon
-            for source in sources:
-                if hasattr(source, "close"):
-                    source.close()
+            close_unstarted(sources)
             raise UsageError(f"sinks.influxdb.spool_dir: {err}") from err
     pipeline = Pipeline(
         sources,
