@@ -55,7 +55,7 @@ class _Held:
     first_ns: int
     last_ns: int
     ack: Ack | None
-    last_index: int | None = None  # raw index of the last row within its cycle (cycle-aligned windows)
+    last_index: int | None = None  # window mode: raw index of the last row in the window frame
 
 
 class StreamWindower:
@@ -204,31 +204,10 @@ class StreamWindower:
     def _push_window(
         self, time_ns: int, end_ns: int, signals: np.ndarray, cycle: int | None, ack: Ack | None
     ) -> list[Window]:
+        """A continuous stream: window ends where (absolute model-rate index + 1) % hop == 0, so every
+        daemon cuts the same windows from the same stream, wherever it starts reading."""
         first = self._raw_index(time_ns)  # absolute raw index of the first row
-        # keep the rows on the model's rate grid (absolute raw index divisible by the divider)
-        offset = (-first) % self.divider
-        kept = np.asarray(signals[offset :: self.divider], dtype=np.float32)
-        index = (first + offset) // self.divider  # absolute model-rate index of kept[0]
-        if self._history is None or self._next_index != index:
-            # the first rows, or a gap in the stream: windows never span a gap
-            self._history = np.zeros((0, signals.shape[1]), dtype=np.float32)
-        self.held.append(_Held(time_ns, end_ns, ack))
-        self.last_ns = end_ns
-        rows = np.concatenate([self._history, kept]) if len(self._history) else kept
-        rows_first = index - len(self._history)  # absolute model-rate index of rows[0]
-        out: list[Window] = []
-        stop = index + len(kept)  # one past the last absolute index now available
-        # window ends e with (e + 1) % hop == 0, e in [index, stop), and a full window available
-        first_end = index + (-(index + 1)) % self.hop
-        for e in range(first_end, stop, self.hop):
-            begin = e - self.window + 1
-            if begin < rows_first:
-                continue
-            signals_w = rows[begin - rows_first : e - rows_first + 1].copy()
-            out.append(self._emit_window(e, signals_w, cycle))
-        self._history = rows[-(self.window - 1) :] if self.window > 1 else rows[:0]
-        self._next_index = stop
-        return out
+        return self._cut(signals, first, time_ns, end_ns, ack, phase=0, origin_ns=0, cycle=cycle)
 
     def _push_cycle_windows(self, batch: SignalBatch, end_ns: int, ack: Ack | None) -> list[Window]:
         """Window mode on a stream that marks its cycles: windows are cut within each cycle from its
@@ -244,34 +223,54 @@ class StreamWindower:
             self._history = None
             self._window_cycle = batch.cycle
         first = batch.cycle_row  # raw index of row 0 within the cycle
+        cycle_start_ns = batch.time_ns - first * self.period_ns
+        return self._cut(
+            batch.signals,
+            first,
+            batch.time_ns,
+            end_ns,
+            ack,
+            phase=self.window,
+            origin_ns=cycle_start_ns,
+            cycle=batch.cycle,
+        )
+
+    def _cut(
+        self,
+        signals: np.ndarray,
+        first: int,
+        time_ns: int,
+        end_ns: int,
+        ack: Ack | None,
+        *,
+        phase: int,
+        origin_ns: int,
+        cycle: int | None,
+    ) -> list[Window]:
+        """Add rows whose first has raw index `first` in a frame starting at `origin_ns` (the epoch, or
+        the cycle's first row); emit every full window ending at a model-rate index e with
+        (e + 1 - phase) % hop == 0. Windows never span a gap in the rows."""
+        # keep the rows on the model's rate grid (raw index divisible by the divider)
         offset = (-first) % self.divider
-        kept = np.asarray(batch.signals[offset :: self.divider], dtype=np.float32)
-        index = (first + offset) // self.divider  # model-rate index of kept[0] within the cycle
+        kept = np.asarray(signals[offset :: self.divider], dtype=np.float32)
+        index = (first + offset) // self.divider  # model-rate index of kept[0]
         if self._history is None or self._next_index != index:
-            # the cycle's first rows, or rows missing: windows never span a gap
-            self._history = np.zeros((0, batch.signals.shape[1]), dtype=np.float32)
-        self.held.append(_Held(batch.time_ns, end_ns, ack, first + batch.rows - 1))
+            # the first rows, or rows missing: windows never span a gap
+            self._history = np.zeros((0, signals.shape[1]), dtype=np.float32)
+        self.held.append(_Held(time_ns, end_ns, ack, first + len(signals) - 1))
         self.last_ns = end_ns
         rows = np.concatenate([self._history, kept]) if len(self._history) else kept
-        rows_first = index - len(self._history)
-        stop = index + len(kept)
-        out: list[Window] = []
-        # window ends e = k * hop + window - 1 within [index, stop), with the whole window available
+        rows_first = index - len(self._history)  # model-rate index of rows[0]
+        stop = index + len(kept)  # one past the last index now available
         first_end = max(self.window - 1, index)
-        first_end += (-(first_end + 1 - self.window)) % self.hop
+        first_end += (phase - 1 - first_end) % self.hop
+        out: list[Window] = []
         for e in range(first_end, stop, self.hop):
             begin = e - self.window + 1
             if begin < rows_first:
                 continue
-            window_ns = batch.time_ns + (e * self.divider - first) * self.period_ns
-            next_first = (begin + self.hop) * self.divider  # raw index of the next window's first row
-            acks: list[Ack] = []
-            while self.held and (self.held[0].last_index or 0) < next_first:
-                held = self.held.popleft()
-                if held.ack is not None:
-                    acks.append(held.ack)
-            signals_w = rows[begin - rows_first : e - rows_first + 1].copy()
-            out.append(Window(self.robot, batch.cycle, window_ns, signals_w, acks=acks + self._carried()))
+            window = rows[begin - rows_first : e - rows_first + 1].copy()
+            out.append(self._emit_window(e, window, origin_ns, cycle))
         self._history = rows[-(self.window - 1) :] if self.window > 1 else rows[:0]
         self._next_index = stop
         return out
@@ -282,17 +281,18 @@ class StreamWindower:
         grid would alternate between two indices, and every message would look like a gap)."""
         return (ns + self.period_ns // 2) // self.period_ns
 
-    def _emit_window(self, absolute: int, signals: np.ndarray, cycle: int | None) -> Window:
-        end_ns = absolute * self.divider * self.period_ns
+    def _emit_window(self, end: int, signals: np.ndarray, origin_ns: int, cycle: int | None) -> Window:
+        # stamped on the frame's sample grid: the same window gets the same time after a restart
+        end_ns = origin_ns + end * self.divider * self.period_ns
         # messages whose rows all lie before the next window's first row are needed no more
-        # (compared as absolute raw indices: timestamps may lie off the period grid)
-        next_first = (absolute + self.hop - self.window + 1) * self.divider
+        # (compared as raw indices: timestamps may lie off the period grid)
+        next_first = (end + self.hop - self.window + 1) * self.divider
         acks: list[Ack] = []
-        while self.held and self._raw_index(self.held[0].last_ns) < next_first:
+        while self.held and (self.held[0].last_index or 0) < next_first:
             held = self.held.popleft()
             if held.ack is not None:
                 acks.append(held.ack)
-        label = cycle if cycle is not None else absolute // self.hop
+        label = cycle if cycle is not None else end // self.hop
         return Window(self.robot, label, end_ns, signals, acks=acks + self._carried())
 
     def flush(self) -> list[Window]:
