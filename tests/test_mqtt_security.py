@@ -19,6 +19,7 @@ from services import wait_until
 
 from ingest.loadgen import plan, robot_ids
 from ingest.messages import encode_arrow
+from ingest.mqtt import BrokerRefused, MqttSource, MqttTls
 from ingest.voraus import schema
 
 pytestmark = pytest.mark.slow
@@ -107,9 +108,33 @@ def test_wrong_password_fails_at_start_with_a_clear_error(
         [str(CELLWATCH), "run", "--config", str(path)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2
-    assert f"MQTT broker 127.0.0.1:{secure_broker.port}" in result.stderr
+    assert f"MQTT broker 127.0.0.1:{secure_broker.port} refused the connection" in result.stderr
     assert "not authorized" in result.stderr.lower() or "bad user name or password" in result.stderr.lower()
+    assert "unavailable at start" not in result.stderr  # a refusal is not retried like an outage
     assert "not-the-password" not in result.stderr
+
+
+def test_a_refusal_is_not_retried_at_start(secure_broker: SecureMosquittoServer) -> None:
+    """However long `connect_retry_s` is, a broker that refuses the credentials (Mosquitto answers
+    an MQTT 5 client "not authorized") fails the start at the first attempt, with the reason."""
+
+    async def start() -> None:
+        source = MqttSource(
+            host="127.0.0.1",
+            port=secure_broker.port,
+            topic="secure/+/signals",
+            client_id="cw-refused",
+            signals=schema.MACHINE_SIGNALS,
+            username="cellwatch",
+            password="not-the-password",
+            tls=MqttTls(ca_file=str(secure_broker.ca)),
+            connect_retry_s=600,
+        )
+        await source.start()
+
+    with pytest.raises(BrokerRefused, match=r"refused the connection \(not authorized\)") as err:
+        asyncio.run(start())
+    assert "not-the-password" not in str(err.value)
 
 
 def test_an_untrusted_certificate_is_refused(
@@ -128,3 +153,4 @@ def test_an_untrusted_certificate_is_refused(
     )
     assert result.returncode == 2
     assert "certificate verify failed" in result.stderr.lower()
+    assert "unavailable at start" not in result.stderr  # refused at once, not retried
