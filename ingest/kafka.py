@@ -8,8 +8,18 @@
   assigned partitions are paused. The fetch loop never blocks: it keeps polling (paused partitions
   return nothing), so the consumer stays in its group however long the pipeline stalls; resumed
   below the low-water mark.
-- Malformed messages are counted by reason, optionally copied to a dead-letter topic with the reason
-  in their headers, and committed past.
+- Rebalances: when the source is paused, partitions assigned to it are paused at once (backpressure
+  holds across rebalances; they are resumed with the rest). Fetched messages of a revoked partition that
+  the pipeline has not taken yet are dropped (`cellwatch_kafka_revoked_dropped_total`): the partition's
+  next owner reads them again from the committed offset, so they are scored there, not twice.
+- Malformed messages are counted by reason and, with a dead-letter topic, copied there with the reason
+  in their headers. The copy is written by its own task, off the fetch loop, and a bad message's offset
+  counts as done only once its copy is written: a dead-letter topic that refuses writes (missing, no
+  permission, broker timeout) is retried with exponential backoff, logged as an error (rate-limited) and
+  counted (`cellwatch_dead_letter_failures_total`), while good messages go on flowing; commits stop at
+  the bad message until its copy is written. Dead letters waiting count toward backpressure (at most
+  `dead_letter_queue`, then the partitions are paused). Without a dead-letter topic a bad message is
+  committed past at once.
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ingest.messages import MessageError, decode
@@ -76,6 +87,28 @@ class OffsetTracker:
         return len(self._pending)
 
 
+@dataclass(frozen=True)
+class _Fetched:
+    """A decoded message waiting for the pipeline; `tracker` is its partition's tracker when fetched.
+
+    A revoke replaces the partition's tracker, so the entry is stale once `tracker` is no longer the
+    partition's current one: that is the assignment generation it belongs to."""
+
+    tp: Any
+    tracker: OffsetTracker
+    delivery: Delivery
+
+
+@dataclass(eq=False)
+class _DeadLetter:
+    tp: Any
+    tracker: OffsetTracker
+    record: Any
+    reason: str
+    error: str
+    attempts: int = field(default=0)
+
+
 class KafkaSource:
     kind = "kafka"
 
@@ -94,7 +127,17 @@ class KafkaSource:
         queue_messages: int = 2000,
         session_timeout_ms: int = 10_000,
         commit_interval_s: float = 0.5,
+        dead_letter_queue: int = 100,
+        dead_letter_retry_s: tuple[float, float] = (0.5, 30.0),
+        dead_letter_timeout_s: float = 30.0,
     ) -> None:
+        low, high = dead_letter_retry_s
+        if not 0 < low <= high:
+            raise ValueError(
+                f"dead_letter_retry_s must be (min, max) with 0 < min <= max, got {dead_letter_retry_s}"
+            )
+        if dead_letter_queue < 1:
+            raise ValueError(f"dead_letter_queue must be at least 1, got {dead_letter_queue}")
         self.name = f"kafka:{topic}"
         self.bootstrap = list(bootstrap)
         self.topic = topic
@@ -107,20 +150,35 @@ class KafkaSource:
         self.start_from = start_from
         self.session_timeout_ms = session_timeout_ms
         self.commit_interval_s = commit_interval_s
+        self.dead_letter_retry_s = (low, high)
+        self.dead_letter_timeout_s = dead_letter_timeout_s
         self.rejections = Rejections()
         self.messages_in = 0
         self.paused = False
+        self.dead_letters = 0  # copies written to the dead-letter topic
+        self.dead_letter_failures = 0  # failed attempts (each retried)
+        self.revoked_dropped = 0  # fetched messages of a revoked partition dropped before the pipeline
+        self.rebalances = 0  # assignments received
         # never blocks the fetch loop (it must keep polling to stay in the group); bounded by pausing
         # the partitions at the high-water mark: at most one fetch (`_per_poll` records) beyond it
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._ready: deque[_Fetched] = deque()
+        self._ready_event = asyncio.Event()
         self._per_poll = max(1, min(500, queue_messages // 4))
         self._high = queue_messages - self._per_poll
         self._low = queue_messages // 4
+        # dead letters not written yet (their offsets are held): paused at the bound, resumed at a quarter
+        self._dead: deque[_DeadLetter] = deque()
+        self._dead_writing: _DeadLetter | None = None
+        self._dead_event = asyncio.Event()
+        self._dead_high = dead_letter_queue
+        self._dead_low = dead_letter_queue // 4
+        self._dead_logged: tuple[float, int] | None = None  # (when, failures then) of the last error log
         self._trackers: dict[Any, OffsetTracker] = {}
         self._committed: dict[Any, int] = {}
         self._consumer: Any = None
         self._producer: Any = None
         self._fetcher: asyncio.Task[None] | None = None
+        self._dead_writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -131,13 +189,18 @@ class KafkaSource:
         class Listener(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked: Any) -> None:
                 await source._commit(only=set(revoked))
-                for tp in revoked:  # acks still to come for these belong to the partition's next owner
-                    source._trackers.pop(tp, None)
-                    source._committed.pop(tp, None)
+                source._forget(set(revoked))
                 log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
-                log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+                source.rebalances += 1
+                if source.paused and assigned:  # fresh partitions come unpaused: keep the backpressure
+                    source._consumer.pause(*assigned)
+                log.info(
+                    "partitions assigned%s: %s",
+                    " (paused: the pipeline is behind)" if source.paused else "",
+                    sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned),
+                )
 
         options = self.security.options()
         self._consumer = AIOKafkaConsumer(
@@ -162,6 +225,7 @@ class KafkaSource:
                     client_id=f"{self.client_id}-dead-letter",
                     acks="all",
                     max_request_size=self.max_message_bytes + 2**16,
+                    request_timeout_ms=max(1000, int(self.dead_letter_timeout_s * 1000)),
                     **options,
                 )
                 await self._producer.start()
@@ -169,6 +233,10 @@ class KafkaSource:
             await self.aclose()
             raise SourceUnavailable(f"Kafka at {','.join(self.bootstrap)}: {err}") from None
         self._fetcher = asyncio.create_task(self._fetch(), name=f"kafka-fetch-{self.topic}")
+        if self._producer is not None:
+            self._dead_writer = asyncio.create_task(
+                self._write_dead_letters(), name=f"kafka-dead-letters-{self.topic}"
+            )
 
     async def _fetch(self) -> None:
         from aiokafka.errors import KafkaError
@@ -187,13 +255,13 @@ class KafkaSource:
                 tracker = self._trackers.setdefault(tp, OffsetTracker())
                 for record in records:
                     tracker.received(record.offset)
-                    await self._accept(tp, tracker, record)
+                    self._accept(tp, tracker, record)
             self._flow_control()
             if loop.time() - last_commit >= self.commit_interval_s:
                 await self._commit()
                 last_commit = loop.time()
 
-    async def _accept(self, tp: Any, tracker: OffsetTracker, record: Any) -> None:
+    def _accept(self, tp: Any, tracker: OffsetTracker, record: Any) -> None:
         self.messages_in += 1
 
         def ack(tracker: OffsetTracker = tracker, offset: int = record.offset) -> None:
@@ -206,30 +274,133 @@ class KafkaSource:
             batch = decode(record.value, self.signals, robot=key, max_bytes=self.max_message_bytes)
         except MessageError as err:
             self.rejections.add(err.reason, f"{tp.topic}[{tp.partition}]@{record.offset}: {err}", log)
-            await self._dead_letter(record, err)
-            ack()
+            if self._producer is None:
+                ack()
+            else:  # held until its copy is written: the commits stop here until then
+                self._dead.append(_DeadLetter(tp, tracker, record, err.reason, str(err)))
+                self._dead_event.set()
             return
-        self._queue.put_nowait(Delivery(batch, once(ack)))
+        self._ready.append(_Fetched(tp, tracker, Delivery(batch, once(ack))))
+        self._ready_event.set()
 
-    async def _dead_letter(self, record: Any, err: MessageError) -> None:
-        if self._producer is None:
-            return
+    def _current(self, tp: Any, tracker: OffsetTracker) -> bool:
+        """Whether `tracker` still belongs to the assignment that holds `tp` (not revoked since)."""
+        return self._trackers.get(tp) is tracker
+
+    async def _write_dead_letters(self) -> None:
+        """Copy bad messages to the dead-letter topic, in order, retrying each until it is written; only
+        then is its offset done. Never ends on a broker error: the fetch loop and the group go on."""
+        from aiokafka.errors import KafkaError
+
+        low, high = self.dead_letter_retry_s
+        delay = low
+        failing = 0  # failed attempts since the last write
+        while True:
+            if not self._dead:
+                self._dead_event.clear()
+                await self._dead_event.wait()
+                continue
+            letter = self._dead_writing = self._dead.popleft()
+            try:
+                while self._current(letter.tp, letter.tracker):  # revoked: the next owner copies it again
+                    try:
+                        async with asyncio.timeout(self.dead_letter_timeout_s):
+                            await self._send_dead_letter(letter)
+                    except (KafkaError, OSError, TimeoutError) as err:
+                        letter.attempts += 1
+                        failing += 1
+                        self.dead_letter_failures += 1
+                        self._log_dead_letter_failure(letter, err, delay)
+                        await asyncio.sleep(delay)
+                        delay = min(high, delay * 2)
+                        continue
+                    self.dead_letters += 1
+                    if failing:
+                        log.info(
+                            "dead letters to %s written again after %d failed attempt(s)",
+                            self.dead_letter_topic,
+                            failing,
+                        )
+                        failing, self._dead_logged = 0, None
+                    delay = low
+                    letter.tracker.done(letter.record.offset)
+                    break
+            finally:
+                self._dead_writing = None
+
+    async def _send_dead_letter(self, letter: _DeadLetter) -> None:
+        record = letter.record
         headers = [
-            ("cellwatch-reason", err.reason.encode()),
-            ("cellwatch-error", str(err)[:500].encode()),
+            ("cellwatch-reason", letter.reason.encode()),
+            ("cellwatch-error", letter.error[:500].encode()),
             ("source", f"{record.topic}[{record.partition}]@{record.offset}".encode()),
         ]
         value = record.value if record.value and len(record.value) <= self.max_message_bytes else b""
         await self._producer.send_and_wait(self.dead_letter_topic, value, key=record.key, headers=headers)
 
+    def _log_dead_letter_failure(self, letter: _DeadLetter, err: BaseException, delay: float) -> None:
+        """An error line for the first failure, then at most one every `Rejections.every_s` seconds."""
+        now = time.monotonic()
+        last = self._dead_logged
+        if last is not None and now - last[0] < Rejections.every_s:
+            return
+        since = (
+            f" ({self.dead_letter_failures - last[1]} failed attempts since the last report)" if last else ""
+        )
+        record = letter.record
+        log.error(
+            "dead letter for %s[%d]@%d (%s) not written to %s: %s: %s; retrying in %.1f s, its offset "
+            "is not committed until then%s",
+            record.topic,
+            record.partition,
+            record.offset,
+            letter.reason,
+            self.dead_letter_topic,
+            type(err).__name__,
+            err,
+            delay,
+            since,
+        )
+        self._dead_logged = (now, self.dead_letter_failures)
+
+    def _forget(self, revoked: set[Any]) -> None:
+        """After a revoke: acks still to come belong to the partition's next owner, and what is fetched
+        but not handed out yet is dropped (the next owner reads it again from the committed offset)."""
+        for tp in revoked:
+            self._trackers.pop(tp, None)
+            self._committed.pop(tp, None)
+        kept = deque(f for f in self._ready if f.tp not in revoked)
+        dropped = len(self._ready) - len(kept)
+        self._ready = kept
+        letters = deque(d for d in self._dead if d.tp not in revoked)
+        dropped_letters = len(self._dead) - len(letters)
+        self._dead = letters
+        self.revoked_dropped += dropped
+        if dropped or dropped_letters:
+            log.info(
+                "dropped %d fetched message(s) and %d unwritten dead letter(s) of revoked partitions",
+                dropped,
+                dropped_letters,
+            )
+
+    @property
+    def _dead_backlog(self) -> int:
+        return len(self._dead) + (self._dead_writing is not None)
+
     def _flow_control(self) -> None:
-        assignment = self._consumer.assignment()
-        if not self.paused and self._queue.qsize() >= self._high:
-            self._consumer.pause(*assignment)
+        consumer = self._consumer
+        if consumer is None:
+            return
+        queued, dead = len(self._ready), self._dead_backlog
+        if not self.paused and (queued >= self._high or dead >= self._dead_high):
             self.paused = True
-        elif self.paused and self._queue.qsize() <= self._low:
-            self._consumer.resume(*assignment)
+        elif self.paused and queued <= self._low and dead <= self._dead_low:
             self.paused = False
+            consumer.resume(*consumer.paused())
+        if self.paused:  # every partition held now, including ones assigned since the pause
+            unpaused = set(consumer.assignment()) - set(consumer.paused())
+            if unpaused:
+                consumer.pause(*unpaused)
 
     async def _commit(self, only: set[Any] | None = None) -> None:
         from aiokafka.errors import KafkaError
@@ -253,16 +424,25 @@ class KafkaSource:
     async def deliveries(self) -> AsyncIterator[Delivery]:
         if self._fetcher is None:
             raise RuntimeError("start() the source first")
+        tasks = {t for t in (self._fetcher, self._dead_writer) if t is not None}
         while True:
-            getter = asyncio.ensure_future(self._queue.get())
-            done, _ = await asyncio.wait({getter, self._fetcher}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                self._fetcher.result()  # the fetch loop died: raise its error
+            while self._ready:
+                fetched = self._ready.popleft()
+                if not self._current(fetched.tp, fetched.tracker):
+                    self.revoked_dropped += 1  # revoked since it was fetched (normally dropped at revoke)
+                    continue
+                yield fetched.delivery
+                if self.paused:
+                    self._flow_control()
+            self._ready_event.clear()
+            waiter = asyncio.ensure_future(self._ready_event.wait())
+            try:
+                done, _ = await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            for task in tasks & done:
+                task.result()  # a task of the source died: raise its error
                 return
-            yield getter.result()
-            if self.paused:
-                self._flow_control()
 
     @property
     def assigned(self) -> int:
@@ -270,15 +450,48 @@ class KafkaSource:
         return len(self._consumer.assignment()) if self._consumer is not None else 0
 
     @property
+    def assigned_partitions(self) -> frozenset[int]:
+        """Numbers of the partitions of `topic` this member holds now."""
+        if self._consumer is None:
+            return frozenset()
+        return frozenset(tp.partition for tp in self._consumer.assignment() if tp.topic == self.topic)
+
+    @property
     def outstanding(self) -> int:
-        """Messages fetched whose windows are not written yet."""
+        """Messages fetched whose windows (or dead letters) are not written yet."""
         return sum(t.outstanding for t in self._trackers.values())
 
+    @property
+    def queued(self) -> int:
+        """Messages fetched and decoded that the pipeline has not taken yet."""
+        return len(self._ready)
+
+    @property
+    def dead_letters_pending(self) -> int:
+        """Bad messages whose copy to the dead-letter topic is not written yet."""
+        return self._dead_backlog
+
+    def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """(name, type, labels, value) for the Prometheus endpoint (rejections come from `rejections`)."""
+        values: list[tuple[str, str, float]] = [
+            ("cellwatch_kafka_assigned_partitions", "gauge", self.assigned),
+            ("cellwatch_source_paused", "gauge", int(self.paused)),
+            ("cellwatch_source_unacked", "gauge", self.outstanding),
+            ("cellwatch_source_queued", "gauge", self.queued),
+            ("cellwatch_kafka_rebalances_total", "counter", self.rebalances),
+            ("cellwatch_kafka_revoked_dropped_total", "counter", self.revoked_dropped),
+            ("cellwatch_dead_letters_total", "counter", self.dead_letters),
+            ("cellwatch_dead_letter_failures_total", "counter", self.dead_letter_failures),
+            ("cellwatch_dead_letters_pending", "gauge", self.dead_letters_pending),
+        ]
+        return [(name, kind, {"source": self.name}, float(value)) for name, kind, value in values]
+
     async def aclose(self) -> None:
-        if self._fetcher is not None:
-            self._fetcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._fetcher
+        for task in (self._fetcher, self._dead_writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await self._commit()
@@ -286,4 +499,5 @@ class KafkaSource:
                 await self._consumer.stop()
         if self._producer is not None:
             with contextlib.suppress(Exception):
-                await self._producer.stop()
+                async with asyncio.timeout(10):  # a dead letter still in flight to a broker that is away
+                    await self._producer.stop()
