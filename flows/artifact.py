@@ -10,6 +10,8 @@ optionally that the data to be scored has the same signals and rate.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,28 +131,45 @@ class LoadedModel:
 
 
 def save_model(directory: Path, flow: MVTFlow, card: ModelCard) -> None:
-    """Write the artifact atomically (a temporary directory renamed into place)."""
+    """Write the artifact atomically: a crash at any point leaves either the old model or the new one
+    under `directory`, never a half-written one that loads.
+
+    Both files are written into a temporary directory beside the target and fsynced, with the
+    temporary directory itself; it is then renamed into place and the parent directory fsynced. An
+    existing model is first renamed aside (to a unique ``.<name>.old-*`` name) and removed only once
+    the new one is in place. A crash between those two renames leaves no model under `directory` (a
+    clear "not a cellwatch model" on load) and the complete old one beside it."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in flow.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "kind": KIND})
         (tmp / META).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+        for name in (WEIGHTS, META):
+            _fsync_path(tmp / name)
+        _fsync_path(tmp)
         if directory.exists():
-            old = directory.with_name(directory.name + ".old")
-            directory.rename(old)
-            tmp.rename(directory)
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=parent))
+            os.replace(directory, old)  # onto the empty directory mkdtemp made
+            os.replace(tmp, directory)
+            _fsync_path(parent)
+            shutil.rmtree(old)
         else:
-            tmp.rename(directory)
+            os.replace(tmp, directory)
+        _fsync_path(parent)
     finally:
         if tmp.exists():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+            shutil.rmtree(tmp)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_model(

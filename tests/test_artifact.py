@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,3 +128,91 @@ def test_window_mode_cuts_a_stream(tmp_path: Path) -> None:
     assert loc.per_signal.shape == (2, 6)
     assert len(loc.top_signals[0]) == 3
     assert loc.top_signals[0][0][1] >= loc.top_signals[0][1][1]
+
+
+# --- atomic save ---------------------------------------------------------------------------------------
+CRASH = """
+import dataclasses, os, sys
+from pathlib import Path
+import flows.artifact as art
+
+target, where = Path(sys.argv[1]), sys.argv[2]
+loaded = art.load_model(target)
+card = dataclasses.replace(loaded.card, threshold=dataclasses.replace(loaded.card.threshold, value=99.0))
+if where == "weights":  # the power goes while the new weights are half written
+    real_save = art.save_file
+    def torn(state, path, metadata=None):
+        real_save(state, path, metadata=metadata)
+        with open(path, "r+b") as fh:
+            fh.truncate(100)
+        os._exit(9)
+    art.save_file = torn
+else:  # between moving the old model aside and moving the new one in
+    real_replace = os.replace
+    def replace(src, dst):
+        real_replace(src, dst)
+        os._exit(9)
+    os.replace = replace
+art.save_model(target, loaded.flow, card)
+"""
+
+
+def crash_during_save(path: Path, where: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", CRASH, str(path), where], capture_output=True, timeout=120)
+    assert result.returncode == 9, result.stderr.decode()[-2000:]
+
+
+def test_a_crash_while_writing_leaves_the_old_model_loadable(tmp_path: Path) -> None:
+    path, flow, card = make(tmp_path)
+    crash_during_save(path, "weights")
+    loaded = load_model(path)  # the old model, whole
+    assert loaded.card == card
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        assert torch.equal(flow.score(x), loaded.flow.score(x))
+    assert sorted(p.name for p in path.iterdir()) == ["model.json", "weights.safetensors"]
+
+
+def test_a_crash_between_the_renames_never_leaves_a_half_model(tmp_path: Path) -> None:
+    path, flow, card = make(tmp_path)
+    crash_during_save(path, "swap")
+    with pytest.raises(ModelFormatError, match="is not a cellwatch model"):
+        load_model(path)  # no model under the name: a clear refusal, not a mix of two
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith(".model.old-")]
+    assert load_model(aside).card == card  # the old model is whole beside it
+    save_model(path, flow, card)  # and saving again works
+    assert load_model(path).card == card
+
+
+def test_save_fsyncs_files_and_directories_before_the_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without fsync a rename can reach the disk before the data it points at: after a power failure
+    the new name would hold empty or partial files."""
+    import os
+    import stat
+
+    path, flow, card = make(tmp_path)
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        events.append("fsync dir" if stat.S_ISDIR(info.st_mode) else f"fsync file {info.st_size}")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(f"replace {Path(src).name[:10]} -> {Path(dst).name[:10]}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_model(path, flow, card)
+    weights, meta = (path / "weights.safetensors").stat().st_size, (path / "model.json").stat().st_size
+    assert events[:3] == [f"fsync file {weights}", f"fsync file {meta}", "fsync dir"]
+    assert events[3:5] == ["replace model -> .model.old", "replace .model.tmp -> model"]
+    assert events[5:] == ["fsync dir", "fsync dir"]  # the parent, after the renames
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing left beside it

@@ -11,6 +11,7 @@ and draining the spool before it exits.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,75 @@ def test_influx_outage_mid_replay_loses_nothing(
     assert before_outage < len(rows)  # InfluxDB went down mid-replay, not after it
     assert {"time", "score", "is_anomaly", "cycle", "robot", "model", "mode"} <= set(columns)
     assert stored(influx, "clean_b", "alert")[1], "the comparison covered no alert"
+
+
+def test_long_outage_with_a_full_spool_is_backpressure_not_a_stall(
+    influx: InfluxServer,
+    tiny_cell_and_model: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: once the spool was full the pipeline stopped "moving", the watchdog stopped being fed and
+    systemd killed the daemon, again and again for as long as InfluxDB was down. Now: WATCHDOG=1 keeps
+    coming while the delivery loop is alive and retrying, STATUS= says why the pipeline waits, and when
+    InfluxDB is back everything scored is stored and the daemon stops cleanly on SIGTERM."""
+    from test_systemd import FakeNotifySocket
+
+    cell, model = tiny_cell_and_model
+    database = "backpressure"
+    influx.create_database(database)
+    config = daemon_config(tmp_path, cell, model, influx.url, database, speed=20)  # ~22 s of replay
+    # a 2 KiB spool (~10 points), and at most 2 points held in memory before it (batch_points)
+    config["sinks"]["influxdb"] |= {"spool_max_mb": 0.002, "timeout_s": 1, "batch_points": 2}
+    fake = FakeNotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(fake.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # WATCHDOG=1 due every 0.5 s
+    daemon = Daemon(tmp_path, "backpressure", config)
+
+    def statuses() -> list[str]:
+        return [m.removeprefix("STATUS=") for m in fake.drain() if m.startswith("STATUS=")]
+
+    try:
+        daemon.start()
+        wait_until(lambda: landed(influx, database) >= 2, 120, "the first scores in InfluxDB")
+        influx.stop()
+        try:
+            wait_until(
+                lambda: any(s.startswith("backpressure") for s in statuses()), 60, "STATUS=backpressure"
+            )
+            assert daemon.alive
+            fed = fake.count("WATCHDOG=1")  # the last points in memory (batch_points) fill, the scorer waits
+            wait_until(lambda: fake.count("WATCHDOG=1") >= fed + 2, 30, "one more watchdog period")
+            fed, scored = fake.count("WATCHDOG=1"), daemon.metric("cellwatch_windows_scored_total")
+            wait_until(lambda: fake.count("WATCHDOG=1") >= fed + 6, 30, "three more watchdog periods")
+            # the pipeline really was held (scoring stopped, windows waiting): only the sink's liveness
+            # can have fed the watchdog
+            assert daemon.metric("cellwatch_windows_scored_total") == scored
+            assert daemon.metric("cellwatch_queue_depth") > 0
+            assert daemon.metric("cellwatch_spool_full") == 1
+        finally:
+            influx.start()
+        held = [s for s in statuses() if s.startswith("backpressure")]
+        assert held[0].startswith("backpressure: InfluxDB unreachable (")
+        assert held[0].endswith(", spool full 2.0 KiB")
+        wait_until(lambda: statuses()[-1].startswith("scoring "), 60, "STATUS= back to normal")
+        assert daemon.stop(timeout=120) == 0  # SIGTERM: drains what is left and exits cleanly
+    finally:
+        daemon.kill()
+        fake.close()
+        if not influx.ping():
+            influx.start()
+    summary = (tmp_path / "backpressure.out").read_text()
+    match = re.search(r"scored (\d+) windows from (\d+) cycles", summary)
+    assert match, summary
+    scored_total = int(match.group(1))
+    assert scored_total > scored  # it went on after the outage
+    cycles = [row[1] for row in influx.series('SELECT "cycle" FROM "anomaly_score"', database)]
+    assert len(cycles) == scored_total  # every window scored is stored, once
+    assert sorted(cycles) == sorted(set(cycles))
+    logs = [json.loads(line)["msg"] for line in daemon.stderr.read_text().splitlines()]
+    assert any(m.startswith("InfluxDB reachable again after ") for m in logs)
+    assert "spool drained" in logs
+    assert not any("still spooled" in m for m in logs)
+    with Spool(tmp_path / f"spool-{database}") as spool:
+        assert spool.pending_bytes == 0

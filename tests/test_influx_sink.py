@@ -7,11 +7,13 @@ and restarts that real server mid-stream.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import struct
 from pathlib import Path
 
 import pytest
-from services import InfluxServer, free_port, wait_until
+from services import InfluxServer, free_port, poll, wait_until
 
 from daemon.sinks.influx import InfluxSink, InfluxTarget, PermanentWriteError, TransientWriteError, post
 from daemon.sinks.lineprotocol import LineProtocolError, Point, encode, encode_batch
@@ -210,7 +212,10 @@ def test_outage_and_daemon_restart_lose_nothing(influx: InfluxServer, tmp_path: 
 def test_refused_batches_are_kept_not_dropped(influx: InfluxServer, tmp_path: Path) -> None:
     async def run() -> InfluxSink:
         sink = InfluxSink(
-            InfluxTarget(url=influx.url, database="missing_db"), tmp_path / "spool", batch_points=10
+            InfluxTarget(url=influx.url, database="missing_db"),
+            tmp_path / "spool",
+            batch_points=10,
+            create_database=False,
         )
         await sink.start()
         await sink.write(points(0, 10))
@@ -224,3 +229,264 @@ def test_refused_batches_are_kept_not_dropped(influx: InfluxServer, tmp_path: Pa
     assert len(kept) == 1
     assert kept[0].read_bytes() == encode_batch(points(0, 10))
     assert "404" in sink.stats.last_error
+    assert "database not found" in kept[0].with_name(kept[0].name + ".reason").read_text()
+    assert (
+        "cellwatch_sink_rejected_batches_total",
+        "counter",
+        {"sink": "influxdb"},
+        1,
+    ) in sink.metric_samples()
+
+
+# --- a missing database, refused batches re-sent ----------------------------------------------------
+def test_a_missing_database_is_created_at_start(
+    influx: InfluxServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a database nobody had created sent every batch to rejected/ with no metric."""
+    pts = points(0, 20)
+
+    async def run() -> InfluxSink:
+        sink = InfluxSink(InfluxTarget(url=influx.url, database="made_at_start"), tmp_path / "spool")
+        await sink.start()
+        await sink.write(pts)
+        assert await sink.close(drain_timeout_s=30)
+        return sink
+
+    with caplog.at_level(logging.INFO, "cellwatch.sink.influx"):
+        sink = asyncio.run(run())
+    assert stored(influx, "made_at_start") == expected(pts)
+    assert sink.stats.batches_rejected == 0
+    assert "created database 'made_at_start' (it did not exist)" in caplog.text
+    with caplog.at_level(logging.INFO, "cellwatch.sink.influx"):
+        caplog.clear()
+        asyncio.run(run())  # the second start finds it
+    assert "database 'made_at_start' exists" in caplog.text
+
+
+def test_refused_batches_are_resent_once_the_database_exists(
+    influx: InfluxServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon told not to create databases refuses batches into rejected/ (counted, logged with what
+    to do); `cellwatch spool resend` sends them once the database exists and removes each one sent."""
+    import yaml
+
+    from daemon.cli import main
+
+    spool = tmp_path / "spool"
+    config = tmp_path / "cellwatch.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [
+                    {"type": "voraus_replay", "robot": "r1", "path": str(tmp_path / "unused.parquet")}
+                ],
+                "model": {"path": str(tmp_path / "unused-model")},
+                "sinks": {
+                    "influxdb": {
+                        "url": influx.url,
+                        "database": "made_later",
+                        "spool_dir": str(spool),
+                        "create_database": False,
+                    }
+                },
+            }
+        )
+    )
+    first, second = points(0, 10), points(10, 10)
+
+    async def run() -> InfluxSink:
+        sink = InfluxSink(
+            InfluxTarget(url=influx.url, database="made_later"), spool, batch_points=10, create_database=False
+        )
+        await sink.start()
+        for batch in (first, second):
+            await sink.write(batch)
+            await sink.flush()
+        await asyncio.to_thread(wait_until, lambda: sink.stats.batches_rejected == 2, 10, "two refusals")
+        await sink.close(drain_timeout_s=1)
+        return sink
+
+    with caplog.at_level(logging.INFO, "cellwatch.sink.influx"):
+        sink = asyncio.run(run())
+    assert "InfluxDB database 'made_later' does not exist" in caplog.text  # said at start
+    assert "cellwatch spool resend" in caplog.text
+    samples = {name: value for name, _, _, value in sink.metric_samples()}
+    assert samples["cellwatch_sink_rejected_batches_total"] == 2
+    assert len(list((spool / "rejected").glob("*.lp"))) == 2
+
+    assert main(["spool", "resend", "--config", str(config)]) == 1  # not fixed yet: kept
+    assert len(list((spool / "rejected").glob("*.lp"))) == 2
+    influx.create_database("made_later")  # the cause fixed
+    assert main(["spool", "resend", "--config", str(config)]) == 0
+    assert list((spool / "rejected").iterdir()) == []
+    assert stored(influx, "made_later") == expected(first + second)
+    assert main(["spool", "resend", "--config", str(config)]) == 0  # nothing left to do
+
+
+# --- outages: health, backpressure, recovery logs ---------------------------------------------------
+def test_status_says_retrying_then_backpressure_and_close_says_what_is_left(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens on the port: the sink reports it is waiting (alive, retrying), then that the
+    spool is full and the pipeline is held (backpressure), and on close how much is left spooled."""
+    target = InfluxTarget(url=f"http://127.0.0.1:{free_port()}", database="x", timeout_s=1)
+
+    async def run() -> tuple[list[str], list[bool], int]:
+        sink = InfluxSink(
+            target,
+            tmp_path / "spool",
+            batch_points=10,
+            spool_max_bytes=3000,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.2,
+        )
+        await sink.start()
+        await sink.write(points(0, 10))
+        await sink.flush()
+        await poll(lambda: sink.stats.retries >= 2, 10)
+        first = sink.status()
+        states, waiting = [first.state], [first.waiting]
+        texts = [first.text]
+        filler = asyncio.create_task(sink.write(points(10, 200)))  # more than the spool can hold
+        await poll(lambda: sink.status().state == "backpressure", 10)
+        assert not filler.done()  # the writer is held: backpressure, nothing dropped
+        held = sink.status()
+        states.append(held.state)
+        waiting.append(held.waiting)
+        texts.append(held.text)
+        sink.request_stop()  # the daemon stops: what is in flight goes over the bound and is durable
+        await filler
+        await sink.close(drain_timeout_s=0.2)
+        return texts, waiting, sink.stats.retries
+
+    with caplog.at_level(logging.INFO, "cellwatch.sink.influx"):
+        texts, waiting, retries = asyncio.run(run())
+    assert retries >= 2
+    assert texts[0].startswith("InfluxDB unreachable (")
+    assert "retrying" in texts[0]
+    assert texts[1].startswith("backpressure: InfluxDB unreachable (")
+    assert texts[1].endswith("spool full 2.9 KiB")
+    assert waiting == [True, True]  # the watchdog may be fed: alive and retrying
+    with Spool(tmp_path / "spool") as spool:
+        left = spool.pending_bytes
+    assert left > 3000  # every point is on disk, over the bound by what was in flight at the stop
+    assert f"exiting with {left} bytes still spooled (delivered after the next start)" in caplog.text
+    assert "spool full (2.9 KiB); the pipeline waits for InfluxDB (backpressure)" in caplog.text
+
+
+@pytest.mark.slow
+def test_recovery_is_logged(influx: InfluxServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    create_db(influx, "recovery")
+    target = InfluxTarget(url=influx.url, database="recovery", timeout_s=2)
+    pts = points(0, 50)
+
+    async def run() -> None:
+        sink = InfluxSink(
+            target, tmp_path / "spool", batch_points=10, backoff_initial_s=0.05, backoff_max_s=0.2
+        )
+        await sink.start()
+        influx.stop()
+        try:
+            await sink.write(pts)
+            await sink.flush()
+            await poll(lambda: sink.stats.retries >= 2, 20)
+        finally:
+            influx.start()
+        await poll(lambda: sink.pending_bytes == 0 and sink.status().state == "ok", 60)
+        assert await sink.close(drain_timeout_s=5)
+
+    try:
+        with caplog.at_level(logging.INFO, "cellwatch.sink.influx"):
+            asyncio.run(run())
+    finally:
+        if not influx.ping():
+            influx.start()
+    messages = [r.getMessage() for r in caplog.records]
+    back = [m for m in messages if m.startswith("InfluxDB reachable again after ")]
+    assert len(back) == 1
+    assert re.fullmatch(r"InfluxDB reachable again after \d+ s, \d+ bytes spooled", back[0])
+    assert messages.index(back[0]) < messages.index("spool drained")
+    assert not any("still spooled" in m for m in messages)
+    assert stored(influx, "recovery") == expected(pts)
+
+
+# --- credentials --------------------------------------------------------------------------------------
+class AuthInfluxServer(InfluxServer):
+    """The same InfluxDB 1.6.7 with `[http] auth-enabled = true` and an admin user."""
+
+    name = "influxd-auth"
+    admin = ("admin", "admin-secret-1")
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        text = self.config.read_text().replace("[http]\n", "[http]\n  auth-enabled = true\n")
+        self.config.write_text(text)
+
+    def start(self) -> None:
+        super().start()
+        user, password = self.admin
+        # with no user yet, InfluxDB lets exactly this statement through unauthenticated
+        self.influxql(f"CREATE USER {user} WITH PASSWORD '{password}' WITH ALL PRIVILEGES", auth=False)
+
+    def influxql(self, q: str, auth: bool = True) -> dict[str, object]:
+        import base64
+        import json
+        import urllib.parse
+        import urllib.request
+
+        headers = {}
+        if auth:
+            creds = base64.b64encode(":".join(self.admin).encode()).decode()
+            headers["Authorization"] = f"Basic {creds}"
+        body = urllib.parse.urlencode({"q": q}).encode()
+        request = urllib.request.Request(f"{self.url}/query", data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return dict(json.loads(response.read()))
+
+
+@pytest.mark.slow
+def test_refused_credentials_keep_the_spool_and_are_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a rotated token (401/403) moved the whole spool into rejected/. Now: a clear error, a
+    metric, retries with backoff, and everything is delivered once the credentials are right again.
+    Real InfluxDB with authentication: first the user does not exist (401), then it exists but may not
+    write (403), then it is granted WRITE."""
+    with AuthInfluxServer(tmp_path / "influx-auth") as server:
+        server.influxql('CREATE DATABASE "secured"')
+        target = InfluxTarget(
+            url=server.url, database="secured", username="writer", password="rotated-pw-2", timeout_s=2
+        )
+        pts = points(0, 30)
+
+        async def run() -> InfluxSink:
+            sink = InfluxSink(
+                target, tmp_path / "spool", batch_points=10, backoff_initial_s=0.05, backoff_max_s=0.2
+            )
+            await sink.start()
+            await sink.write(pts)
+            await sink.flush()
+            await poll(lambda: sink.stats.auth_failures >= 2, 20)
+            assert "401" in sink.stats.last_error
+            assert sink.status().waiting
+            await asyncio.to_thread(server.influxql, "CREATE USER writer WITH PASSWORD 'rotated-pw-2'")
+            await poll(lambda: "403" in sink.stats.last_error, 20)
+            await asyncio.to_thread(server.influxql, 'GRANT WRITE ON "secured" TO writer')
+            await poll(lambda: sink.pending_bytes == 0, 30)
+            assert await sink.close(drain_timeout_s=5)
+            return sink
+
+        with caplog.at_level(logging.INFO, "cellwatch.sink.influx"):
+            sink = asyncio.run(run())
+        rows = server.influxql(
+            'SELECT "score", "is_anomaly", "cycle", "robot" FROM "secured"."autogen"."anomaly_score"'
+        )
+    assert not (tmp_path / "spool" / "rejected").exists()  # nothing was refused for good
+    assert sink.stats.batches_rejected == 0
+    samples = {name: value for name, _, _, value in sink.metric_samples()}
+    assert samples["cellwatch_sink_auth_failures_total"] >= 3
+    assert "InfluxDB refused our credentials (HTTP 401): check the token/password; retrying" in caplog.text
+    assert "InfluxDB refused our credentials (HTTP 403)" in caplog.text
+    assert "rotated-pw-2" not in caplog.text
+    [series] = rows["results"][0]["series"]  # type: ignore[index]
+    assert [v[1:] for v in series["values"]] == [row[1:] for row in expected(pts)]
