@@ -7,6 +7,7 @@ datagram socket we bind, as systemd would) and counted.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -64,11 +66,121 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
         "Type=notify",
         "DynamicUser=yes",
         "StateDirectory=cellwatch",
-        "LoadCredential=",
         "WatchdogSec=",
     ):
         assert line in text
     assert "CAP_NET_RAW" not in text  # only the capture drop-in grants it
+    # a LoadCredential= of a file that does not exist stops the unit: credentials are loaded only by the
+    # drop-in install-service writes from the config (tests/test_install_service.py)
+    assert unit_directives("LoadCredential") == []
+    assert unit_directives("LoadCredentialEncrypted") == []
+
+
+def unit_directives(key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith(f"{key}=")]
+
+
+def test_the_unit_restarts_after_an_outage_at_start_but_not_after_a_config_error(
+    tiny_cell_and_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The exit statuses of the real daemon against the unit's restart policy: Restart=on-failure restarts
+    every failure except those in RestartPreventExitStatus=."""
+    _, model = tiny_cell_and_model
+    assert unit_directives("Restart") == ["on-failure"]
+    prevented = {int(code) for value in unit_directives("RestartPreventExitStatus") for code in value.split()}
+
+    def exit_status(config: dict[str, Any]) -> int:
+        path = tmp_path / "cellwatch.yaml"
+        path.write_text(yaml.safe_dump({"model": {"path": str(model)}, **config}))
+        result = subprocess.run(
+            [str(CELLWATCH), "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        return result.returncode
+
+    mqtt_down: dict[str, Any] = {"sources": [{"type": "mqtt", "host": "127.0.0.1", "port": free_port()}]}
+    bad_field = {**mqtt_down, "scoring": {"batch": 0}}
+    assert exit_status(bad_field) == 2
+    assert 2 in prevented  # a config error stays failed (a restart cannot fix it)
+    assert exit_status(mqtt_down) == 75  # EX_TEMPFAIL: the broker is down at start
+    assert 75 not in prevented  # restarted every RestartSec until the broker is back
+    assert "75" in unit_directives("RestartForceExitStatus")
+
+
+@pytest.mark.parametrize(
+    ("state_dir", "state_directory", "expected"),
+    [
+        (None, None, "conf"),  # by hand: next to the config, as before
+        (None, "/var/lib/cellwatch", "/var/lib/cellwatch"),  # under systemd: StateDirectory=
+        ("data", "/var/lib/cellwatch", "conf/data"),  # state_dir wins; relative to the config's directory
+        ("/srv/cw", None, "/srv/cw"),
+    ],
+)
+def test_relative_paths_resolve_in_the_state_directory(
+    tmp_path: Path, state_dir: str | None, state_directory: str | None, expected: str
+) -> None:
+    from daemon.config import load_config
+
+    path = tmp_path / "conf" / "cellwatch.yaml"
+    path.parent.mkdir()
+    data: dict[str, object] = {
+        "sources": [{"type": "voraus_replay", "robot": "r1", "path": "data/cell.parquet"}],
+        "model": {"path": "models/cell"},
+        "sinks": {"influxdb": {"url": "http://db:8086"}, "file": {"path": "/abs/scores.jsonl"}},
+    }
+    if state_dir is not None:
+        data["state_dir"] = state_dir
+    path.write_text(yaml.safe_dump(data))
+    environ = {"STATE_DIRECTORY": state_directory} if state_directory else {}
+    config = load_config(path, environ=environ)
+    base = tmp_path / expected
+    assert config.state_dir == base
+    assert config.model.path == base / "models/cell"
+    assert config.sources[0].path == base / "data/cell.parquet"  # type: ignore[union-attr]
+    assert config.sinks.influxdb is not None
+    assert config.sinks.influxdb.spool_dir == base / "spool"
+    assert config.sinks.file is not None
+    assert config.sinks.file.path == Path("/abs/scores.jsonl")  # absolute paths are left alone
+
+
+def test_the_daemon_writes_into_STATE_DIRECTORY_not_next_to_its_config(
+    tiny_cell_and_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """As under the unit: the config in a directory of its own (/etc/cellwatch), relative paths, and
+    $STATE_DIRECTORY (systemd's StateDirectory=) where the model, the data and the output live."""
+    cell, model = tiny_cell_and_model
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    etc.mkdir()
+    state.mkdir()
+    (state / "models").mkdir()
+    (state / "models" / "cell").symlink_to(model)
+    (state / "cell.parquet").symlink_to(cell)
+    config = etc / "cellwatch.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [{"type": "voraus_replay", "robot": "r1", "path": "cell.parquet", "speed": 1e6}],
+                "model": {"path": "models/cell"},
+                "sinks": {"file": {"path": "scores.jsonl"}},
+                "metrics": {"listen": None},
+            }
+        )
+    )
+    result = subprocess.run(
+        [str(CELLWATCH), "run", "--config", str(config)],
+        env={**os.environ, "STATE_DIRECTORY": str(state)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in etc.iterdir()) == ["cellwatch.yaml"]  # nothing written beside the config
+    rows = [json.loads(line) for line in (state / "scores.jsonl").read_text().splitlines()]
+    assert sum(r["measurement"] == "anomaly_score" for r in rows) == 36  # each test cycle, scored
 
 
 class FakeNotifySocket:
