@@ -24,6 +24,9 @@ COMMANDS: dict[str, str] = {
     "demo": "daemon.commands.demo",
     "publish": "daemon.commands.publish",
     "report": "daemon.commands.report",
+    "spool": "daemon.commands.spool",
+    "check": "daemon.commands.check",
+    "install-service": "daemon.commands.install_service",
 }
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]

@@ -10,6 +10,7 @@ credential under $CREDENTIALS_DIRECTORY) or an environment variable (``*_env``),
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -130,6 +131,12 @@ class MqttSource(_Strict):
     max_message_bytes: int = Field(default=4 * 2**20, ge=1024, le=64 * 2**20)
     reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    connect_retry_s: float = Field(
+        default=60.0, ge=0, le=86_400, description="at start-up, retry a broker that is down this long"
+    )
+    max_queued_qos0: int = Field(
+        default=1000, ge=1, le=1_000_000, description="QoS 0 messages queued at most (more are dropped)"
+    )
 
     @model_validator(mode="after")
     def _one_plus(self) -> MqttSource:
@@ -168,8 +175,13 @@ class InfluxConfig(_Strict):
         default=1000, ge=1, le=60_000, description="longest a point waits in memory before the spool"
     )
     spool_dir: Path = Path("spool")
-    spool_max_mb: int = Field(default=256, ge=1, le=1_000_000)
+    spool_max_mb: float = Field(
+        default=256, gt=0, le=1_000_000, description="bound of the on-disk spool; fractions allowed (0.5)"
+    )
     timeout_s: float = Field(default=10.0, gt=0, le=300)
+    create_database: bool = Field(
+        default=True, description="v1: create the database at start-up if missing (needs admin rights)"
+    )
 
     @model_validator(mode="after")
     def _v2_needs(self) -> InfluxConfig:
@@ -180,6 +192,8 @@ class InfluxConfig(_Strict):
 
 class FileSinkConfig(_Strict):
     path: Path = Path("scores.jsonl")
+    max_mb: float = Field(default=100, gt=0, le=1_000_000, description="rotate when the file would pass this")
+    keep: int = Field(default=5, ge=1, le=1000, description="rotated files kept: scores.jsonl.1 ... .keep")
 
 
 class MqttPublishConfig(_Strict):
@@ -228,12 +242,32 @@ class AlertConfig(_Strict):
     n: int = Field(default=1, ge=1, description="... out of the last n windows open an alert")
     min_duration_s: float = Field(default=0.0, ge=0)
     cooldown_s: float = Field(default=0.0, ge=0)
+    update_interval_s: float = Field(
+        default=10.0, gt=0, le=86_400, description="a firing alert is re-sent at most this often (data time)"
+    )
 
     @model_validator(mode="after")
     def _k_le_n(self) -> AlertConfig:
         if self.k > self.n:
             raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
         return self
+
+
+class RobotsConfig(_Strict):
+    """Bounds on per-robot state: robot ids come from topics and message keys, which anyone on the bus
+    can make up; each robot costs a windower, an alert tracker and InfluxDB series."""
+
+    max_robots: int = Field(default=1000, ge=1, le=1_000_000)
+    allow: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] | None = Field(
+        default=None, description="only these robot ids are scored; others are rejected and counted"
+    )
+    idle_timeout_s: float | None = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 86_400,
+        description="a robot silent this long is forgotten: an unfinished cycle is rejected, its open "
+        "alert resolves (null: never)",
+    )
 
 
 class MetricsConfig(_Strict):
@@ -246,8 +280,12 @@ class Config(_Strict):
     scoring: ScoringConfig = ScoringConfig()
     sinks: SinksConfig = SinksConfig()
     alerts: AlertConfig = AlertConfig()
+    robots: RobotsConfig = RobotsConfig()
     metrics: MetricsConfig = MetricsConfig()
-    state_dir: Path = Path(".")
+    state_dir: Path | None = Field(
+        default=None,
+        description="where relative paths resolve (default: $STATE_DIRECTORY, else the config's directory)",
+    )
     stop_drain_s: float = Field(default=20.0, gt=0, le=600, description="bounded drain on SIGTERM")
 
     @model_validator(mode="after")
@@ -294,8 +332,9 @@ def parse_config(data: Any, *, origin: str = "config") -> Config:
         raise ConfigError(f"{origin}: {_describe(err)}") from None
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a YAML config (bounded size, safe loader)."""
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config (bounded size, safe loader); relative paths are made absolute
+    against `base_dir` (see there), which becomes the returned config's `state_dir`."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -304,13 +343,39 @@ def load_config(path: Path) -> Config:
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as err:
+        # found by fuzzing: PyYAML's constructors raise these for malformed typed scalars
+        # (`2026-13-45`, `!!float x`, `!!timestamp x`) and its composer recurses on deep nesting
+        detail = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{path}: not valid YAML: {type(err).__name__}: {detail}") from None
     config = parse_config(data, origin=str(path))
-    # resolve relative paths against the config's own directory, as a user would expect
-    base = path.parent.resolve()
-    return _rebase(config, base)
+    return _rebase(config, base_dir(config, path, os.environ if environ is None else environ))
+
+
+def base_dir(config: Config, path: Path, environ: Mapping[str, str]) -> Path:
+    """Where the config's relative paths (model, replay files, file sink, spool) resolve:
+
+    1. `state_dir` when the config sets it (a relative `state_dir` is relative to the config's directory);
+    2. else `$STATE_DIRECTORY`, set by systemd's `StateDirectory=` (the first entry when it lists several),
+       so that a service never writes into its read-only configuration directory;
+    3. else the config file's own directory, as someone running it by hand expects.
+    """
+    config_dir = path.parent.resolve()
+    if config.state_dir is not None:
+        return config_dir / config.state_dir  # an absolute state_dir replaces config_dir
+    state_directory = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_directory:
+        return Path(state_directory)  # absolute (systemd); not resolved: DynamicUser makes it a symlink
+    return config_dir
 
 
 def _rebase(config: Config, base: Path) -> Config:
@@ -332,7 +397,7 @@ def _rebase(config: Config, base: Path) -> Config:
             "sources": sources,
             "model": config.model.model_copy(update={"path": fix(config.model.path)}),
             "sinks": sinks.model_copy(update=updates),
-            "state_dir": fix(config.state_dir),
+            "state_dir": base,
         }
     )
 

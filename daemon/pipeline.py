@@ -7,23 +7,24 @@ memory. Inference runs in a worker thread, off the event loop, on the GPU when t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import math
 import time
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from daemon.alerts import Alert, AlertTracker
+from daemon.alerts import Alert, AlertEvent, AlertTracker
 from daemon.layout import ALERT_MEASUREMENT, LOCALIZATION_MEASUREMENT, SCORE_MEASUREMENT
+from daemon.sinks.file import FileSink as FileSink  # moved there; imported from here too
 from daemon.sinks.lineprotocol import Point
-from daemon.windowing import StreamRejected, StreamWindower, Window
+from daemon.windowing import Ack, StreamRejected, StreamWindower, Window
 from flows.preprocess import downsample, window_starts
-from flows.scorer import Scorer
+from flows.scorer import NORMALIZED_CAP, SCORE_CAP, Scorer
 from ingest.stream import Rejections
 from ingest.voraus.reader import Cycle
 
@@ -32,6 +33,8 @@ MEASUREMENT = SCORE_MEASUREMENT
 LOCALIZATION_BINS = 200  # time bins stored per localized window
 LOCALIZATION_SIGNALS = 5  # signals stored per localized window besides the total
 EXPLAIN_BATCH = 4  # alerts localized per backward pass
+RECENT_ALERTS = 100  # resolved alerts kept for the exit summary (counters count them all)
+MAX_ROBOTS_REMEMBERED = 100_000
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Scored:
     score: float
     normalized: float
     is_anomaly: bool
+    capped: bool = False
 
 
 class Sink(Protocol):
@@ -50,67 +54,119 @@ class Sink(Protocol):
     async def close(self, drain_timeout_s: float = 10.0) -> bool: ...
 
 
-class FileSink:
-    """JSON lines, one per scored window: the embedded default that needs no infrastructure."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._fh = path.open("a", encoding="utf-8")
-
-    async def write(self, points: Sequence[Point]) -> None:
-        lines = "".join(
-            json.dumps({"measurement": p.measurement, "time_ns": p.time_ns, **p.tags, **p.fields}) + "\n"
-            for p in points
-        )
-        await asyncio.to_thread(self._write, lines)
-
-    def _write(self, text: str) -> None:
-        self._fh.write(text)
-        self._fh.flush()
-
-    async def flush(self) -> None:
-        """Each write is already in the file (a process crash cannot lose it)."""
-
-    async def close(self, drain_timeout_s: float = 10.0) -> bool:
-        self._fh.close()
-        return True
-
-
 @dataclass
 class PipelineStats:
     cycles_in: int = 0
     messages_in: int = 0
     windows_scored: int = 0
     anomalies: int = 0
+    capped: int = 0  # windows whose score was not finite (stored as the cap, flagged anomalous)
     batches: int = 0
     inference_seconds: float = 0.0
-    results: list[Scored] = field(default_factory=list)
-    alerts: list[Alert] = field(default_factory=list)
+    alerts: int = 0  # alerts opened
+    alerts_resolved: int = 0
+    alert_updates: int = 0
+    robots_retired: int = 0  # robots forgotten after `idle_timeout_s` of silence
+    reloads: int = 0
+    results: list[Scored] = field(default_factory=list)  # only with keep_results (tests, evaluation)
+    recent_alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=RECENT_ALERTS))
+    robots: set[str] = field(default_factory=set)  # robot ids seen (bounded by the robot limits)
 
 
-def alert_point(alert: Alert, model: str) -> Point:
-    """An alert as an event: time = start; end, peak, event time (localization) and top signals as fields."""
-    end = alert.end_ns if alert.end_ns is not None else alert.peak_time_ns
+@dataclass(frozen=True)
+class ModelState:
+    """What scores a window and what its points say about the model: swapped as one (SIGHUP)."""
+
+    scorer: Scorer
+    name: str  # the `model` tag
+    generation: int = 0
+
+    @property
+    def card(self) -> Any:
+        return self.scorer.card
+
+    @property
+    def divider(self) -> int:
+        return int(self.card.training.get("rate_divider", 1))
+
+    @property
+    def mode(self) -> str:
+        return "cycle" if self.card.mode == "cycle" or self.card.window is None else "window"
+
+    def windowing(self) -> dict[str, Any]:
+        """How stream windows are cut for this model (what a windower must follow)."""
+        card = self.card
+        return {
+            "mode": self.mode,
+            "period_ns": round(1e9 / (card.rate_hz * self.divider)),
+            "divider": self.divider,
+            "window": card.window,
+            "hop": card.hop,
+            "max_cycle_rows": 8 * card.time_steps * self.divider,
+        }
+
+
+@dataclass(frozen=True)
+class RobotLimits:
+    """Bounded state per robot: robot ids come from topics and keys, so they are not trusted."""
+
+    max_robots: int = 1000
+    allow: frozenset[str] | None = None  # only these robots, when given
+    idle_timeout_s: float | None = 600.0  # forget a silent robot (and reject its unfinished cycle)
+
+
+@dataclass
+class _Retire:
+    """Queue marker: a robot fell silent; its tracker resolves and these acks are released in order."""
+
+    robot: str
+    acks: list[Ack]
+
+
+_Item = Window | _Retire | None
+
+
+def alert_point(alert: Alert, model: str, updated_ns: int | None = None) -> Point:
+    """An alert as one point at its start time, rewritten at each event (InfluxDB keeps the latest):
+    `state` firing/resolved, `firing` 1/0, end (or latest window so far), peak, event time
+    (localization) and top signals as fields."""
+    end = alert.end_ns if alert.end_ns is not None else alert.last_ns
     top = ", ".join(f"{name} {share:.0%}" for name, share in alert.top_signals)
+    state = alert.state
+    ongoing = "" if state == "resolved" else " (firing)"
     return Point(
         ALERT_MEASUREMENT,
         {
+            "alert_id": alert.id,
+            "state": state,
+            "firing": int(state == "firing"),
             "end_ns": int(end),
+            "updated_ns": int(updated_ns if updated_ns is not None else end),
             "duration_s": (end - alert.start_ns) / 1e9,
-            "peak_score": float(alert.peak_score),
+            "peak_score": _finite(alert.peak_score),
             "peak_cycle": int(alert.peak_cycle),
             "event_time_ns": int(
                 alert.event_time_ns if alert.event_time_ns is not None else alert.peak_time_ns
             ),
             "windows": int(alert.windows),
             "cycles": ",".join(str(c) for c in alert.cycles),
+            "cycle_count": int(alert.cycle_count),
             "top_signals": top,
-            "text": f"{alert.robot}: anomaly score {alert.peak_score:.2f}x threshold; top signals: {top}",
+            "text": (
+                f"{alert.robot}{ongoing}: anomaly score {_finite(alert.peak_score):.2f}x threshold; "
+                f"top signals: {top}"
+            ),
         },
         alert.start_ns,
         {"robot": alert.robot, "model": model},
     )
+
+
+def _finite(value: float, cap: float = NORMALIZED_CAP) -> float:
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return -cap if value < 0 else cap
 
 
 def localization_points(
@@ -120,7 +176,7 @@ def localization_points(
     the contribution of all signals (`signal=(all)`) and of the top signals, scaled so the highest
     total bin is 1. At most LOCALIZATION_BINS bins over the window's real (unpadded) samples."""
     steps = min(len(window.signals), grad.shape[1])
-    per_step = grad[:, :steps]
+    per_step = np.nan_to_num(grad[:, :steps].astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     width = -(-steps // LOCALIZATION_BINS)  # ceil
     bins = -(-steps // width)
     padded = np.zeros((per_step.shape[0], bins * width), dtype=np.float64)
@@ -129,14 +185,14 @@ def localization_points(
     counts = np.minimum(width, steps - np.arange(bins) * width)
     binned /= counts  # mean per step in each bin
     total = binned.sum(axis=0)
-    scale = float(total.max()) or 1.0
+    scale = float(total.max()) if np.isfinite(total.max()) and total.max() > 0 else 1.0
     first_ns = window.time_ns - (len(window.signals) - 1) * dt_ns
     top = np.argsort(-per_step.sum(axis=1))[:LOCALIZATION_SIGNALS]
     rows = [("(all)", total)] + [(signals[j], binned[j]) for j in top]
     return [
         Point(
             LOCALIZATION_MEASUREMENT,
-            {"contribution": float(values[k] / scale), "peak_cycle": int(alert.peak_cycle)},
+            {"contribution": _finite(values[k] / scale, 1.0), "peak_cycle": int(alert.peak_cycle)},
             first_ns + k * width * dt_ns,
             {"robot": alert.robot, "model": model, "signal": name},
         )
@@ -149,10 +205,11 @@ def to_point(result: Scored, model: str, mode: str, threshold: float) -> Point:
     return Point(
         MEASUREMENT,
         {
-            "score": float(result.score),
-            "normalized_score": float(result.normalized),
+            "score": _finite(result.score, SCORE_CAP),
+            "normalized_score": _finite(result.normalized),
             "threshold": float(threshold),
-            "is_anomaly": bool(result.is_anomaly),
+            "is_anomaly": bool(result.is_anomaly or result.capped),
+            "capped": bool(result.capped),
             "cycle": int(result.window.cycle),
         },
         result.window.time_ns,
@@ -174,59 +231,120 @@ class Pipeline:
         queue_size: int | None = None,
         keep_results: bool = False,
         alerts: dict[str, Any] | None = None,
+        limits: RobotLimits | None = None,
     ) -> None:
         self.sources = list(sources)
-        self.scorer = scorer
+        self.model = ModelState(scorer, model_name)
+        self._models: dict[int, ModelState] = {0: self.model}  # generations still in the queue
+        self._queued: Counter[int] = Counter()  # windows in the queue per model generation
         self.sinks = list(sinks)
-        self.model_name = model_name
         self.start_ns = start_ns
         self.batch = batch
         self.max_wait_s = max_wait_ms / 1000
         # bounded: a few batches in flight; sources wait when it is full (backpressure)
-        self.queue: asyncio.Queue[Window | None] = asyncio.Queue(maxsize=queue_size or max(4 * batch, 16))
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size or max(4 * batch, 16))
         self.stats = PipelineStats()
         self.keep_results = keep_results
+        self.limits = limits or RobotLimits()
         self._producers: list[asyncio.Task[None]] = []
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellwatch-inference")
         self.alert_options = alerts or {}
         self.trackers: dict[str, AlertTracker] = {}
         self.windowers: dict[str, StreamWindower] = {}
+        self._last_seen: dict[str, float] = {}  # stream robot -> monotonic time of its last message
+        self._last_label: dict[str, int] = {}  # window mode: the cycle label of a robot's last window
         self.stream_rejections: dict[str, Rejections] = {}  # source name -> reason -> count
         self.last_time: dict[str, int] = {}
+        self._clipped_retired = 0
 
+    # -- the model, swapped whole ------------------------------------------------------------------
+    @property
+    def scorer(self) -> Scorer:
+        return self.model.scorer
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def clipped_inputs(self) -> int:
+        """Standardized input values clipped to ±CLIP_SIGMA, over every model this pipeline ran."""
+        scorers = {id(m.scorer): m.scorer for m in self._models.values()}
+        return self._clipped_retired + sum(s.clipped for s in scorers.values())
+
+    def swap_model(self, scorer: Scorer, model_name: str) -> None:
+        """Score with another model from the next window cut on (SIGHUP). Call on the event loop.
+
+        Windows already queued are scored by the model they were cut for, so every point after the
+        first point of the new model carries the new model's threshold, mode and tag; windowers follow
+        a changed rate, window or hop at once (rows held for an unfinished cycle are kept)."""
+        old = self.model
+        self.model = ModelState(scorer, model_name, old.generation + 1)
+        self._models[self.model.generation] = self.model
+        self._drop_idle_generations()
+        spec = self.model.windowing()
+        if spec != old.windowing():
+            for robot, windower in self.windowers.items():
+                if windower.reconfigure(**spec):
+                    log.warning(
+                        "%s: the new model cuts windows differently (%s); rows held for the unfinished "
+                        "cycle or window are not scored",
+                        robot,
+                        ", ".join(f"{k}={v}" for k, v in spec.items() if old.windowing()[k] != v),
+                    )
+        self.stats.reloads += 1
+
+    def _drop_idle_generations(self) -> None:
+        """Forget the models of earlier generations once no queued window needs them."""
+        for generation in list(self._models):
+            if generation != self.model.generation and not self._queued[generation]:
+                scorer = self._models.pop(generation).scorer
+                if all(m.scorer is not scorer for m in self._models.values()):
+                    self._clipped_retired += scorer.clipped
+                self._queued.pop(generation, None)
+
+    # -- per robot ---------------------------------------------------------------------------------
     def _tracker(self, robot: str) -> AlertTracker:
         tracker = self.trackers.get(robot)
         if tracker is None:
             tracker = self.trackers[robot] = AlertTracker(robot, **self.alert_options)
         return tracker
 
-    def _windower(self, robot: str) -> StreamWindower:
+    def _admit(self, robot: str) -> StreamWindower:
+        """The robot's windower; raises StreamRejected for a robot not allowed or one too many."""
         windower = self.windowers.get(robot)
-        if windower is None:
-            card = self.scorer.card
-            divider = int(card.training.get("rate_divider", 1))
-            windower = StreamWindower(
-                robot,
-                mode="cycle" if card.mode == "cycle" or card.window is None else "window",
-                period_ns=round(1e9 / (card.rate_hz * divider)),
-                divider=divider,
-                window=card.window,
-                hop=card.hop,
-                max_cycle_rows=8 * card.time_steps * divider,
+        if windower is not None:
+            return windower
+        limits = self.limits
+        if limits.allow is not None and robot not in limits.allow:
+            raise StreamRejected("robot_not_allowed", f"robot {robot!r} is not in the allowed robots")
+        if len(self.windowers) >= limits.max_robots:
+            raise StreamRejected(
+                "too_many_robots",
+                f"robot {robot!r} would be robot {len(self.windowers) + 1}; "
+                f"max_robots is {limits.max_robots}",
             )
-            self.windowers[robot] = windower
+        windower = self.windowers[robot] = StreamWindower(robot, **self.model.windowing())
+        if len(self.stats.robots) < MAX_ROBOTS_REMEMBERED:
+            self.stats.robots.add(robot)
         return windower
+
+    async def _put(self, window: Window) -> None:
+        window.generation = self.model.generation
+        self._queued[window.generation] += 1
+        await self.queue.put(window)  # waits when full: backpressure
 
     async def _produce(self, source: Any) -> None:
         if not hasattr(source, "cycles"):
             await self._produce_stream(source)
             return
         clock_ns = self.start_ns[source.robot]
+        self.stats.robots.add(source.robot)
         async for cycle in source.cycles():
             self.stats.cycles_in += 1
             clock_ns += round(cycle.duration_s * 1e9)
             for window in self._windows(source.robot, cycle, clock_ns):
-                await self.queue.put(window)  # waits when full: backpressure
+                await self._put(window)
 
     async def _produce_stream(self, source: Any) -> None:
         """A streaming source (Kafka, MQTT): message batches are windowed per robot."""
@@ -235,16 +353,63 @@ class Pipeline:
             self.stats.messages_in += 1
             batch = delivery.batch
             try:
-                windows = self._windower(batch.robot).push(batch, delivery.ack)
+                windower = self._admit(batch.robot)
+            except StreamRejected as err:
+                delivery.ack()  # never scored: holding it would block the acks behind it for good
+                rejected.add(err.reason, str(err), log)
+                continue
+            self._last_seen[batch.robot] = time.monotonic()
+            try:
+                windows = windower.push(batch, delivery.ack)
             except StreamRejected as err:
                 rejected.add(err.reason, str(err), log)
                 continue
             for window in windows:
-                await self.queue.put(window)  # waits when full: backpressure
+                self._count_cycle(window)
+                await self._put(window)
+
+    def _count_cycle(self, window: Window) -> None:
+        if self.model.mode == "cycle":
+            self.stats.cycles_in += 1
+        elif self._last_label.get(window.robot) != window.cycle:
+            self._last_label[window.robot] = window.cycle
+            self.stats.cycles_in += 1
+
+    async def _expire_idle(self) -> None:
+        """Forget robots silent for `idle_timeout_s`: an unfinished cycle is rejected (`cycle_timeout`:
+        its end never came, and a truncated cycle would score as an anomaly it is not), its messages
+        are released, the robot's open alert resolves, and its state is freed."""
+        timeout = self.limits.idle_timeout_s
+        if not timeout:
+            return
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))  # a periodic sweep, not a wait for a condition
+            now = time.monotonic()
+            for robot, seen in list(self._last_seen.items()):
+                if now - seen < timeout:
+                    continue
+                del self._last_seen[robot]
+                self._last_label.pop(robot, None)
+                windower = self.windowers.pop(robot, None)
+                acks: list[Ack] = []
+                if windower is not None:
+                    ready, acks, unfinished = windower.expire()
+                    for window in ready:
+                        self._count_cycle(window)
+                        await self._put(window)
+                    if unfinished:
+                        rejected = self.stream_rejections.setdefault("(idle)", Rejections())
+                        rejected.add(
+                            "cycle_timeout",
+                            f"{robot}: no message for {timeout:g} s; unfinished cycle {unfinished} dropped",
+                            log,
+                        )
+                self.stats.robots_retired += 1
+                await self.queue.put(_Retire(robot, acks))
 
     def _windows(self, robot: str, cycle: Cycle, end_ns: int) -> list[Window]:
-        card = self.scorer.card
-        divider = int(card.training.get("rate_divider", 1))
+        card = self.model.card
+        divider = self.model.divider
         # own a compact float32 copy: a strided view would keep the whole float64 cycle alive in the queue
         signals = np.ascontiguousarray(downsample(cycle.signals, divider), dtype=np.float32)
         category, anomaly = cycle.category_name, cycle.anomaly
@@ -258,14 +423,17 @@ class Pipeline:
             out.append(Window(robot, cycle.sample, time_ns, signals[start:stop], category, anomaly))
         return out
 
-    async def _next_batch(self) -> tuple[list[Window], bool]:
+    # -- scoring -----------------------------------------------------------------------------------
+    async def _next_batch(self) -> tuple[list[Window], list[_Retire], bool]:
         first = await self.queue.get()
         if first is None:
-            return [], True
-        batch = [first]
+            return [], [], True
+        batch: list[Window] = []
+        retired: list[_Retire] = []
+        (retired if isinstance(first, _Retire) else batch).append(first)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while len(batch) < self.batch:
+        while len(batch) < self.batch and not retired:
             timeout = deadline - loop.time()
             try:
                 item = (
@@ -276,49 +444,77 @@ class Pipeline:
             except (TimeoutError, asyncio.QueueEmpty):
                 break
             if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
+                return batch, retired, True
+            if isinstance(item, _Retire):
+                retired.append(item)  # ends the batch: what follows belongs after the retirement
+            else:
+                batch.append(item)
+        return batch, retired, False
 
-    def _score(self, windows: list[Window]) -> list[Scored]:
+    def _score(self, model: ModelState, windows: list[Window]) -> list[Scored]:
         started = time.perf_counter()
-        prepared = np.stack([self.scorer.prepare_cycle(w.signals) for w in windows])
-        scores = self.scorer.score(prepared)
+        scorer = model.scorer  # one model for the whole batch: scaler and weights together
+        prepared = np.stack([scorer.prepare_cycle(w.signals) for w in windows])
+        scores = scorer.score(prepared)
         self.stats.inference_seconds += time.perf_counter() - started
         return [
-            Scored(w, float(scores.raw[i]), float(scores.normalized[i]), bool(scores.is_anomaly[i]))
+            Scored(
+                w,
+                float(scores.raw[i]),
+                float(scores.normalized[i]),
+                bool(scores.is_anomaly[i]),
+                bool(scores.capped[i]),
+            )
             for i, w in enumerate(windows)
         ]
 
     async def _consume(self) -> None:
-        card = self.scorer.card
         loop = asyncio.get_running_loop()
         while True:
-            windows, done = await self._next_batch()
+            windows, retired, done = await self._next_batch()
             points: list[Point] = []
-            closed: list[Alert] = []
-            if windows:
+            events: list[tuple[AlertEvent, ModelState]] = []
+            results: list[Scored] = []
+            # a batch of windows cut for one model generation each (normally all the same)
+            for generation in sorted({w.generation for w in windows}):
+                group = [w for w in windows if w.generation == generation]
+                model = self._models[generation]
                 # off the event loop, always on the same thread (one set of per-thread BLAS/oneDNN buffers)
-                results = await loop.run_in_executor(self._inference, self._score, windows)
+                scored = await loop.run_in_executor(self._inference, self._score, model, group)
+                self._queued[generation] -= len(group)
+                results += scored
+                points += [
+                    to_point(r, model.name, model.card.mode, model.card.threshold.value) for r in scored
+                ]
+                for r in scored:
+                    w = r.window
+                    self.last_time[w.robot] = w.time_ns
+                    for event in self._tracker(w.robot).update(
+                        w.time_ns, r.normalized, r.is_anomaly, w.cycle, w
+                    ):
+                        events.append((event, model))
+            if windows:
+                self._drop_idle_generations()
                 self.stats.batches += 1
                 self.stats.windows_scored += len(results)
                 self.stats.anomalies += sum(r.is_anomaly for r in results)
+                self.stats.capped += sum(r.capped for r in results)
                 if self.keep_results:
                     self.stats.results.extend(results)
-                points = [to_point(r, self.model_name, card.mode, card.threshold.value) for r in results]
-                for r in results:
-                    w = r.window
-                    self.last_time[w.robot] = w.time_ns
-                    closed += self._tracker(w.robot).update(w.time_ns, r.normalized, r.is_anomaly, w.cycle, w)
-            if done:  # the stream ended: close alerts still open
+            for retire in retired:  # a silent robot: resolve its alert, free its state
+                tracker = self.trackers.pop(retire.robot, None)
+                if tracker is not None:
+                    events += [(e, self.model) for e in tracker.finish(self.last_time.get(retire.robot, 0))]
+                self.last_time.pop(retire.robot, None)
+            if done:  # the stream ended: resolve alerts still open
                 for robot, tracker in self.trackers.items():
-                    closed += tracker.finish(self.last_time.get(robot, 0))
-            if closed:
-                points += await loop.run_in_executor(self._inference, self._explain, closed)
+                    events += [(e, self.model) for e in tracker.finish(self.last_time.get(robot, 0))]
+            if events:
+                points += await loop.run_in_executor(self._inference, self._explain, events)
             if points:
                 for sink in self.sinks:
                     await sink.write(points)
-            acks = [ack for window in windows for ack in window.acks]
+            acks = [ack for window in windows for ack in window.acks] + [a for r in retired for a in r.acks]
             if acks:
                 # release the messages behind these windows only once their points are durable
                 for sink in self.sinks:
@@ -330,32 +526,62 @@ class Pipeline:
             if done:
                 return
 
-    def _explain(self, alerts: list[Alert]) -> list[Point]:
-        """Localize each alert's peak window: event time (Eq. 8.6 peak) and top signals. One batched
-        backward pass for all alerts closed together."""
-        card = self.scorer.card
-        dt_ns = round(1e9 / card.rate_hz)
-        peaks = [(a, a.peak_window) for a in alerts if isinstance(a.peak_window, Window)]
-        maps: list[Point] = []
+    def _explain(self, events: list[tuple[AlertEvent, ModelState]]) -> list[Point]:
+        """Each alert event as a point; the alert's peak window is localized (event time by Eq. 8.6,
+        top signals, the map) when the alert opens and whenever its peak has moved since, in small
+        batches of backward passes."""
+        todo: list[tuple[Alert, Window, ModelState]] = []
+        seen: set[str] = set()
+        for event, model in events:
+            alert = event.alert
+            window = alert.peak_window
+            if (
+                isinstance(window, Window)
+                and alert.localized_peak_ns != alert.peak_time_ns
+                and alert.id not in seen
+            ):
+                todo.append((alert, window, self._models.get(window.generation, model)))
+                seen.add(alert.id)
         # small batches: a backward pass keeps every activation (tens of MB per whole cycle)
-        for chunk in (peaks[i : i + EXPLAIN_BATCH] for i in range(0, len(peaks), EXPLAIN_BATCH)):
-            prepared = np.stack([self.scorer.prepare_cycle(w.signals) for _, w in chunk])
-            loc = self.scorer.localize(prepared, top=3)
-            for i, (alert, window) in enumerate(chunk):
-                steps = min(len(window.signals), card.time_steps)
-                peak = int(np.argmax(loc.per_time[i][:steps]))
-                first_ns = window.time_ns - (len(window.signals) - 1) * dt_ns
-                alert.event_time_ns = first_ns + peak * dt_ns
-                alert.event_in_window_s = peak * dt_ns / 1e9
-                alert.top_signals = loc.top_signals[i]
-                if loc.maps is not None:
-                    maps += localization_points(
-                        alert, window, loc.maps[i], card.signals, dt_ns, self.model_name
-                    )
-        for alert in alerts:
-            alert.peak_window = None  # do not keep the raw data around
-            self.stats.alerts.append(alert)
-        return [alert_point(a, self.model_name) for a in alerts] + maps
+        for chunk in (todo[i : i + EXPLAIN_BATCH] for i in range(0, len(todo), EXPLAIN_BATCH)):
+            for model in {id(m): m for _, _, m in chunk}.values():
+                self._localize(model, [(a, w) for a, w, m in chunk if m is model])
+        out: list[Point] = []
+        maps: list[Point] = []
+        for event, model in events:
+            alert = event.alert
+            if event.kind == "opened":
+                self.stats.alerts += 1
+            elif event.kind == "updated":
+                self.stats.alert_updates += 1
+            else:
+                self.stats.alerts_resolved += 1
+                self.stats.recent_alerts.append(alert)
+                alert.peak_window = None  # do not keep the raw data around
+                maps += alert.map_points
+                alert.map_points = []
+            out.append(alert_point(alert, model.name, event.time_ns))
+        return out + maps
+
+    def _localize(self, model: ModelState, part: list[tuple[Alert, Window]]) -> None:
+        card = model.card
+        dt_ns = round(1e9 / card.rate_hz)
+        prepared = np.stack([model.scorer.prepare_cycle(w.signals) for _, w in part])
+        loc = model.scorer.localize(prepared, top=3)
+        for i, (alert, window) in enumerate(part):
+            steps = min(len(window.signals), card.time_steps)
+            peak = int(np.argmax(loc.per_time[i][:steps]))
+            first_ns = window.time_ns - (len(window.signals) - 1) * dt_ns
+            alert.event_time_ns = first_ns + peak * dt_ns
+            alert.event_in_window_s = peak * dt_ns / 1e9
+            alert.top_signals = loc.top_signals[i]
+            alert.localized_peak_ns = alert.peak_time_ns
+            if alert.state == "firing":
+                alert.peak_window = None  # localized: a later, higher peak brings its own window
+            if loc.maps is not None:  # written once the alert resolves: one map per alert, its final peak
+                alert.map_points = localization_points(
+                    alert, window, loc.maps[i], card.signals, dt_ns, model.name
+                )
 
     def moving(self, last_scored: int) -> bool:
         """For the watchdog: windows were scored since `last_scored`, or nothing is waiting to be."""
@@ -372,6 +598,7 @@ class Pipeline:
             asyncio.create_task(self._produce(source), name=f"source-{source.name}")
             for source in self.sources
         ]
+        sweeper = asyncio.create_task(self._expire_idle(), name="idle-robots")
         try:
             producing = asyncio.gather(*self._producers, return_exceptions=True)
             waiting: set[asyncio.Future[Any]] = {consumer, producing}
@@ -390,12 +617,14 @@ class Pipeline:
             ]
             if errors:
                 raise errors[0]
+            sweeper.cancel()
             await self.queue.put(None)
             await consumer
         except BaseException:
             consumer.cancel()
             raise
         finally:
+            sweeper.cancel()
             for sink in self.sinks:
                 await sink.close(drain_timeout_s=drain_timeout_s)
             for source in self.sources:

@@ -40,6 +40,7 @@ class Window:
     category: str = ""
     anomaly: bool | None = None
     acks: list[Ack] = field(default_factory=list)
+    generation: int = 0  # the pipeline's model generation this window was cut for
 
 
 class StreamRejected(ValueError):
@@ -294,6 +295,47 @@ class StreamWindower:
                 acks.append(held.ack)
         label = cycle if cycle is not None else end // self.hop
         return Window(self.robot, label, end_ns, signals, acks=acks + self._carried())
+
+    def reconfigure(
+        self,
+        *,
+        mode: str,
+        period_ns: int,
+        divider: int = 1,
+        window: int | None = None,
+        hop: int | None = None,
+        max_cycle_rows: int = 200_000,
+    ) -> bool:
+        """Follow a new model (config reload). A cycle being collected at the same stream rate is kept
+        (its raw rows are downsampled by the new divider when it completes); otherwise the rows held
+        cannot be cut the new way: they are let go, their acks ride with the next window (never lost
+        in the acks' order), and True is returned so the caller can say so."""
+        if mode not in ("cycle", "window"):
+            raise ValueError(f"mode must be 'cycle' or 'window', got {mode!r}")
+        if mode == "window" and (not window or not hop):
+            raise ValueError("window mode needs window and hop")
+        keeps = mode == self.mode == "cycle" and period_ns == self.period_ns
+        self.period_ns, self.divider, self.max_cycle_rows = period_ns, divider, max_cycle_rows
+        self.window, self.hop = window or 0, hop or 0
+        changed = mode != self.mode
+        self.mode = mode
+        if keeps:
+            return False
+        discarded = bool(self._parts) or (self._history is not None and len(self._history) > 0)
+        self._carry += self._release_all()
+        self._parts, self._rows, self._cycle, self._skipping = [], 0, None, None
+        self._history, self._next_index, self._window_cycle = None, None, None
+        return discarded or changed
+
+    def expire(self) -> tuple[list[Window], list[Ack], int | None]:
+        """The robot fell silent: complete cycles not handed out yet (to be scored), every ack held or
+        carried, and the cycle left unfinished (if any), whose rows are dropped (its end never came)."""
+        unfinished = self._cycle if self.mode == "cycle" and self._parts else None
+        ready, self._ready = self._ready, []
+        acks = self._release_all() + self._carried()
+        self._parts, self._rows, self._cycle, self._skipping = [], 0, None, None
+        self._history, self._next_index, self._window_cycle = None, None, None
+        return ready, acks, unfinished
 
     def flush(self) -> list[Window]:
         """End of stream: a cycle still open is scored as it is (replay sources end cleanly)."""

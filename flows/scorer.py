@@ -6,6 +6,11 @@
 
 `score()` takes a batch of windows from any number of robots at once (micro-batching) and runs on
 the GPU when there is one.
+
+Extreme inputs are bounded, never fatal: standardized values are clipped to ±`CLIP_SIGMA` (counted in
+`Scorer.clipped`), so one glitching sample (1e20 from an integer overflow in a gateway) still gives a
+finite, very high score. A score that is nevertheless not finite is replaced by `SCORE_CAP`, flagged
+anomalous and marked in `Scores.capped`.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from flows.artifact import LoadedModel
 from flows.preprocess import cut_windows, pad_or_truncate
 from flows.training import autocast, resolve_device
 
+CLIP_SIGMA = 100.0  # standardized inputs are clipped to ±100 standard deviations of the training data
+SCORE_CAP = 1e30  # the raw score that stands in for a non-finite one (normalized: NORMALIZED_CAP)
+NORMALIZED_CAP = 1e30
+
 
 @dataclass(frozen=True)
 class Scores:
     raw: NDArray[np.float64]  # NLL score, higher = more anomalous
     normalized: NDArray[np.float64]  # threshold -> 1.0, typical normal -> ~0
     is_anomaly: NDArray[np.bool_]
+    capped: NDArray[np.bool_]  # the score was not finite: stored as SCORE_CAP, always anomalous
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,15 @@ class Scorer:
         self.flow = model.flow.to(self.device).eval()
         self.bf16 = bf16
         self.max_batch = max_batch
+        self.clipped = 0  # standardized input values clipped to ±CLIP_SIGMA so far
+
+    def _standardize(self, signals: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
+        z = np.asarray(self.card.scaler.transform(signals), dtype=np.float32)
+        out_of_range = ~(np.abs(z) <= CLIP_SIGMA)  # NaN counts too
+        if out_of_range.any():
+            self.clipped += int(out_of_range.sum())
+            z = np.clip(np.nan_to_num(z, nan=0.0), -CLIP_SIGMA, CLIP_SIGMA)
+        return z
 
     @property
     def time_steps(self) -> int:
@@ -65,7 +84,7 @@ class Scorer:
     def prepare_cycle(self, signals: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
         """(T_i, S) raw cycle -> (S, T) model input (standardized, padded or truncated)."""
         self._check_signals(signals)
-        return pad_or_truncate(self.card.scaler.transform(signals), self.card.time_steps)
+        return pad_or_truncate(self._standardize(signals), self.card.time_steps)
 
     def prepare_stream(
         self, signals: NDArray[np.floating[Any]], hop: int | None = None
@@ -77,7 +96,7 @@ class Scorer:
         window, default_hop = self.card.window, self.card.hop
         if window is None or default_hop is None:
             raise ValueError("window-mode model without window/hop in model.json")
-        return cut_windows(self.card.scaler.transform(signals), window, hop or default_hop)
+        return cut_windows(self._standardize(signals), window, hop or default_hop)
 
     def _check_signals(self, signals: NDArray[np.floating[Any]]) -> None:
         if signals.ndim != 2 or signals.shape[1] != len(self.card.signals):
@@ -104,8 +123,16 @@ class Scorer:
             with autocast(self.device, self.bf16):
                 parts.append(self.flow.score(batch.to(self.device, non_blocking=True)).float().cpu())
         raw = torch.cat(parts).double().numpy() if parts else np.zeros(0)
+        capped = ~np.isfinite(raw)
+        raw = np.where(capped, SCORE_CAP, raw)
         normalized = np.asarray(self.card.threshold.normalize(raw), dtype=np.float64)
-        return Scores(raw=raw, normalized=normalized, is_anomaly=raw > self.card.threshold.value)
+        normalized = np.where(np.isfinite(normalized), normalized, NORMALIZED_CAP)
+        return Scores(
+            raw=raw,
+            normalized=normalized,
+            is_anomaly=(raw > self.card.threshold.value) | capped,
+            capped=capped,
+        )
 
     def localize(
         self, windows: Sequence[NDArray[np.float32]] | NDArray[np.float32], top: int = 5
@@ -115,6 +142,7 @@ class Scorer:
         for batch in self._batches(windows):
             grads.append(self.flow.localize(batch.to(self.device)).double().cpu())
         g = torch.cat(grads).numpy() if grads else np.zeros((0, len(self.card.signals), self.card.time_steps))
+        g = np.nan_to_num(g, nan=0.0, posinf=float(np.finfo(np.float32).max), neginf=0.0)  # an extreme input
         per_time = g.sum(axis=1)
         per_signal = g.sum(axis=2)
         shares = per_signal / np.maximum(per_signal.sum(axis=1, keepdims=True), 1e-300)

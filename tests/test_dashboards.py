@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -142,7 +143,8 @@ def rule_queries() -> list[Query]:
 
 
 def find(file: str, where: str) -> Query:
-    queries = [q for q in dashboard_queries(file) + rule_queries() if q.file == file and where in q.where]
+    candidates = rule_queries() if file == RULES_FILE.name else dashboard_queries(file)
+    queries = [q for q in candidates if q.file == file and where in q.where]
     assert len(queries) == 1, f"{file}: expected one query at {where!r}, found {[q.where for q in queries]}"
     return queries[0]
 
@@ -299,6 +301,10 @@ def test_query_returns_the_series_written_for_the_selected_robots(
     measurement = re.search(r'FROM "(\w+)"', text)
     assert measurement, f"{where}: no measurement"
     if measurement.group(1) == "alert":
+        if "last(" in text:  # the lifecycle rule: the newest alert's state, one row per robot
+            assert sorted(r["robot"] for r in got) == sorted(robots), f"{where}: one row per robot"
+            assert {r["firing"] for r in got} == {0}, f"{where}: the replay ended, every alert resolved"
+            return
         alerts = sum(len(cell.alerts[r]) for r in robots)
         assert len(got) == alerts, f"{where}: {len(got)} rows for {alerts} alerts"
         return
@@ -395,14 +401,16 @@ def test_overview_latest_alerts_table_is_newest_first_with_peak_and_top_signals(
 ) -> None:
     query = find("cell-overview.json", 'panel "Latest alerts"')
     (series,) = run(influx, datasource, query, interpolate(query.text, ROBOTS, multi=True))
-    assert series["columns"] == ["time", "robot", "peak_score", "top_signals", "duration_s"], query.says(
-        "the columns"
-    )
+    columns = ["time", "robot", "state", "peak_score", "top_signals", "duration_s"]
+    assert series["columns"] == columns, query.says("the columns")
     times = [row[0] for row in series["values"]]
     assert times == sorted(times, reverse=True), query.says("newest alert first")
     expected = {(a[0], robot, a[2], a[3]) for robot in ROBOTS for a in cell.alerts[robot]}
-    assert {tuple(row[:4]) for row in series["values"]} == expected, query.says("one row per alert")
-    assert all(row[4] > 0 for row in series["values"]), query.says("the durations")
+    got = {(row[0], row[1], row[3], row[4]) for row in series["values"]}
+    assert got == expected, query.says("one row per alert")
+    # the replay has ended: every alert is resolved
+    assert {row[2] for row in series["values"]} == {"resolved"}, query.says("the states")
+    assert all(row[5] > 0 for row in series["values"]), query.says("the durations")
 
 
 def test_overview_health_shows_when_each_robot_was_last_scored(
@@ -528,7 +536,7 @@ def test_detail_localization_heatmap_shows_each_alerts_peak_window_per_signal(
 def test_alert_rule_is_over_threshold_exactly_in_minutes_with_flagged_windows(
     cell: Cell, influx: InfluxServer, datasource: dict[str, Any]
 ) -> None:
-    (query,) = rule_queries()
+    query = find(RULES_FILE.name, 'rule "Robot anomaly score over threshold"')
     series = run(influx, datasource, query, interpolate(query.text, ROBOTS, multi=False))
     minute = 60 * 10**9
     for s in series:
@@ -537,6 +545,48 @@ def test_alert_rule_is_over_threshold_exactly_in_minutes_with_flagged_windows(
         flagged = buckets([w[0] for w in cell.scores[robot] if w[3]], minute)
         assert over == flagged, query.says("the rule's threshold (> 1) and the daemon's is_anomaly disagree")
         assert over, query.says(f"the rule would fire for {robot}")
+
+
+def test_alert_firing_rule_fires_exactly_for_robots_with_an_open_daemon_alert(
+    influx: InfluxServer, datasource: dict[str, Any]
+) -> None:
+    """The daemon's own alert lifecycle as the rule sees it: the alert points are written by the daemon's
+    own encoder (one point per alert at its start, rewritten at each event), an open alert on one robot,
+    a resolved one on another, and one that fired and then resolved on a third."""
+    from daemon.alerts import Alert
+    from daemon.pipeline import alert_point
+    from daemon.sinks.lineprotocol import encode_batch
+
+    query = find(RULES_FILE.name, 'rule "cellwatch alert firing"')
+    db = "alert_states"
+    create_db(influx, db)
+    now = TO_MS * MS - 60 * 10**9  # inside the evaluated range
+    s = 10**9
+
+    def alert(robot: str, start: int, end: int | None) -> Alert:
+        return Alert(robot, start, 3.0, start, 1, last_ns=start + 5 * s, end_ns=end, windows=5)
+
+    points = [
+        alert_point(alert("open", now - 600 * s, None), "m"),
+        alert_point(alert("closed", now - 900 * s, now - 800 * s), "m"),
+        alert_point(alert("flapped", now - 300 * s, None), "m"),  # fired ...
+        alert_point(alert("flapped", now - 300 * s, now - 200 * s), "m"),  # ... then resolved: rewritten
+        alert_point(alert("again", now - 3000 * s, now - 2900 * s), "m"),  # an older alert, resolved
+        alert_point(alert("again", now - 100 * s, None), "m"),  # and a newer one, firing
+    ]
+    request = urllib.request.Request(
+        f"{influx.url}/write?db={db}&precision=ns", data=encode_batch(points), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 204
+    series = run(influx, {**datasource, "database": db}, query, interpolate(query.text, ROBOTS, multi=False))
+    firing = {s["tags"]["robot"]: s["values"][-1][1] for s in series}
+    assert firing == {"open": 1, "closed": 0, "flapped": 0, "again": 1}, query.says("the last state")
+    rules = [r for g in load_yaml(RULES_FILE)["groups"] for r in g["rules"]]
+    (rule,) = [r for r in rules if r["uid"] == "cellwatch-alert-firing"]
+    condition = {d["refId"]: d for d in rule["data"]}[rule["condition"]]["model"]
+    threshold = condition["conditions"][0]["evaluator"]["params"][0]
+    assert {robot for robot, value in firing.items() if value > threshold} == {"open", "again"}
 
 
 # --- the files are valid provisioning ------------------------------------------------------------------
@@ -642,7 +692,7 @@ def test_alert_rules_reference_the_datasource_a_threshold_of_one_and_a_dashboard
         where = f'{RULES_FILE.name}: rule "{rule["title"]}"'
         data = {d["refId"]: d for d in rule["data"]}
         assert rule["condition"] in data, f"{where}: condition {rule['condition']} is not a query"
-        assert rule["for"] == "1m", where
+        assert rule["for"] in ("0s", "1m"), where
         assert rule["labels"]["severity"], f"{where}: no severity label"
         for item in data.values():
             assert item["datasourceUid"] in (DATASOURCE_UID, "__expr__"), where
@@ -654,7 +704,9 @@ def test_alert_rules_reference_the_datasource_a_threshold_of_one_and_a_dashboard
                 assert model["expression"] in data, f"{where}: {item['refId']} reads a missing query"
         condition = data[rule["condition"]]["model"]
         assert condition["type"] == "threshold", where
-        assert condition["conditions"][0]["evaluator"] == {"type": "gt", "params": [1]}, where
+        # the score rule: over the threshold (normalized 1); the lifecycle rule: the field firing = 1
+        limit = 1 if "anomaly_score" in data["A"]["model"]["query"] else 0
+        assert condition["conditions"][0]["evaluator"] == {"type": "gt", "params": [limit]}, where
         dashboards = {d["uid"]: d for d in map(load_dashboard, DASHBOARD_FILES)}
         linked = rule["annotations"]["__dashboardUid__"]
         assert linked in dashboards, f"{where}: links to dashboard {linked}, which is not provisioned here"

@@ -182,7 +182,9 @@ def test_mqtt_live_order_retained_state_and_alerts(mosquitto: MosquittoServer) -
     assert set(body) == {
         *("robot", "model", "time_ns", "end_ns", "duration_s", "peak_score", "peak_cycle"),
         *("event_time_ns", "windows", "cycles", "top_signals", "text"),
+        *("alert_id", "state", "firing", "updated_ns", "cycle_count"),
     }
+    assert (body["state"], body["firing"]) == ("resolved", 0)  # this one has ended
 
     # late: the latest score of each robot, retained, with every field
     latest = {str(m.topic): decoded(m) for m in late_scores}
@@ -195,7 +197,7 @@ def test_mqtt_live_order_retained_state_and_alerts(mosquitto: MosquittoServer) -
     }
     assert set(latest[f"{root}/cell/r1/anomaly"]) == {
         *("robot", "model", "mode", "time_ns"),
-        *("score", "normalized_score", "threshold", "is_anomaly", "cycle"),
+        *("score", "normalized_score", "threshold", "is_anomaly", "capped", "cycle"),
     }
     assert latest[f"{root}/cell/r1/anomaly"]["is_anomaly"] is True
     assert [decoded(m) for m in late_alerts] == [expected(alerts[0])]

@@ -1,11 +1,11 @@
 """SIGHUP: the running daemon re-reads its config file and model. A bad config is refused and the
-daemon goes on with the old one; a new model path takes effect on the next points; changes that need a
-restart (sources) are said so in the log."""
+daemon goes on with the old one; a new model takes effect atomically (scaler, weights, threshold, mode
+and tag together) from one point on; changes that need a restart (sources) are said so in the log."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,30 @@ def logged(daemon: Daemon, level: str, text: str) -> bool:
     return False
 
 
-def test_sighup_reloads_config_and_model(tiny_cell_and_model: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def other_model(tiny_cell_and_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A genuinely different second model: window mode, another rate (5 Hz, not 10), another
+    architecture and seed, and so another threshold."""
+    from daemon.cli import main
+
+    cell, _ = tiny_cell_and_model
+    out = tmp_path_factory.mktemp("reload") / "model-b"
+    argv = ["train", "--data", str(cell), "--out", str(out), "--rate-divider", "20", "--mode", "window"]
+    argv += ["--window", "40", "--hop", "20", "--epochs", "1", "--blocks", "2", "--seed", "3", "--fpr", "0.2"]
+    assert main(argv) == 0
+    return out
+
+
+def test_sighup_reloads_config_and_model(
+    tiny_cell_and_model: tuple[Path, Path], other_model: Path, tmp_path: Path
+) -> None:
+    from flows.artifact import load_model
+
     cell, model = tiny_cell_and_model
-    model_b = tmp_path / "model-b"
-    shutil.copytree(model, model_b)
+    model_b = other_model
+    card_a, card_b = load_model(model).card, load_model(model_b).card
+    assert (card_a.mode, card_b.mode) == ("cycle", "window")
+    assert card_a.threshold.value != card_b.threshold.value
     scores = tmp_path / "scores.jsonl"
     base: dict[str, Any] = {
         "sources": [{"type": "voraus_replay", "robot": "r1", "path": str(cell), "speed": 15}],
@@ -64,8 +84,26 @@ def test_sighup_reloads_config_and_model(tiny_cell_and_model: tuple[Path, Path],
         assert daemon.alive
 
         reload(model={"path": str(model_b)})
-        wait_until(lambda: points(scores)[-1]["model"] == "model-b", 60, "points from the reloaded model")
+        wait_until(
+            lambda: [p["model"] for p in points(scores)][-3:] == ["model-b"] * 3,
+            60,
+            "the reloaded model's points",
+        )
         assert logged(daemon, "INFO", "reloaded config and model")
+        # atomic: every point up to the swap is model A's, every point after it model B's, with B's
+        # threshold and mode; B's windows are cut at B's rate and length
+        got = points(scores)
+        first_b = next(i for i, p in enumerate(got) if p["model"] == "model-b")
+        before, after = got[:first_b], got[first_b:]
+        assert {(p["model"], p["mode"], p["threshold"]) for p in before} == {
+            (model.name, "cycle", card_a.threshold.value)
+        }
+        assert {(p["model"], p["mode"], p["threshold"]) for p in after} == {
+            ("model-b", "window", card_b.threshold.value)
+        }
+        # window mode: several windows per cycle, 20 steps (4 s at 5 Hz) apart
+        steps = [b["time_ns"] - a["time_ns"] for a, b in itertools.pairwise(after)]
+        assert 4_000_000_000 in steps
 
         sources = [{**config["sources"][0], "speed": 30}]
         reload(model={"path": str(model_b)}, sources=sources)

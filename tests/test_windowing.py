@@ -685,3 +685,49 @@ def test_cycle_aligned_windows_are_the_same_after_a_restart_mid_cycle() -> None:
     assert {w.time_ns for w in resumed.windows if w.cycle == 2} == {
         w.time_ns for w in full.windows if w.cycle == 2
     }
+
+
+# -- reload and idle robots -------------------------------------------------------------------------
+
+
+def cycle_batch(first: int, n: int, cycle: int, *, end: bool = False, at: int = 0) -> SignalBatch:
+    """Rows `first`.. of `cycle`, which starts `at` raw periods after T0."""
+    time_ns = T0 + (at + first) * P
+    return SignalBatch(ROBOT, time_ns, P, rows(n, first), cycle=cycle, cycle_end=end, cycle_row=first)
+
+
+def test_a_reload_keeps_a_cycle_being_collected_and_applies_the_new_divider() -> None:
+    """Same stream rate, another model rate: the rows held are raw, so the cycle completes whole and
+    is downsampled the new model's way."""
+    windower = StreamWindower(ROBOT, mode="cycle", period_ns=P, divider=2)
+    first = Ack("first")
+    assert windower.push(cycle_batch(0, 6, 7), first) == []
+    assert windower.reconfigure(mode="cycle", period_ns=P, divider=3) is False
+    second = Ack("second")
+    (window,) = windower.push(cycle_batch(6, 6, 7, end=True), second)
+    assert window.signals[:, 0].tolist() == [0, 3, 6, 9]  # every 3rd raw row of all 12
+    assert names(window) == ["first", "second"]
+
+
+def test_a_reload_to_window_mode_lets_held_rows_go_and_their_acks_ride_with_the_next_window() -> None:
+    windower = StreamWindower(ROBOT, mode="cycle", period_ns=P)
+    held = Ack("held")
+    windower.push(cycle_batch(0, 5, 7), held)
+    assert windower.reconfigure(mode="window", period_ns=P, window=4, hop=2) is True
+    assert held.calls == 0  # never acknowledged ahead of the windows written before it
+    windows = windower.push(cycle_batch(0, 6, 8, at=5), Ack("next"))
+    assert [w.signals.shape for w in windows] == [(4, S), (4, S)]
+    assert "held" in names(windows[0])
+
+
+def test_expire_hands_out_every_ack_and_names_the_unfinished_cycle() -> None:
+    windower = StreamWindower(ROBOT, mode="cycle", period_ns=P)
+    a, b = Ack("a"), Ack("b")
+    windower.push(cycle_batch(0, 5, 7), a)
+    windower.push(cycle_batch(5, 5, 7), b)
+    ready, acks, unfinished = windower.expire()
+    assert (ready, unfinished) == ([], 7)
+    assert sorted(ack.name for ack in acks if isinstance(ack, Ack)) == ["a", "b"]
+    # the robot may come back: it starts afresh
+    (window,) = windower.push(cycle_batch(0, 3, 9, end=True, at=10), Ack("c"))
+    assert window.cycle == 9

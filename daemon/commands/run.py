@@ -68,6 +68,7 @@ def build_sources(config: Any, card: Any) -> tuple[list[Any], dict[str, int]]:
     """The configured sources (not started yet) and the replay sources' start timestamps."""
     from daemon.config import ConfigError, KafkaSource, MqttSource
     from ingest.errors import IngestError
+    from ingest.voraus.schema import RATE_TOLERANCE, rate_matches
     from ingest.voraus.source import VorausReplaySource
 
     sources: list[Any] = []
@@ -85,11 +86,15 @@ def build_sources(config: Any, card: Any) -> tuple[list[Any], dict[str, int]]:
                 src.path, src.robot, card.signals, speed=src.speed, test_split_only=src.test_split_only
             )
             sources.append(source)
-            rate = source.reader.rate_hz
-            if rate is None or abs(rate / divider - card.rate_hz) > 1e-6:
+            # real files are not exactly on the nominal clock (voraus-AD 100 Hz: 99.3 Hz measured)
+            measured = source.reader.measured_rate_hz
+            wanted = card.rate_hz * divider
+            if measured is None or not rate_matches(measured, wanted):
+                shown = "unknown" if measured is None else f"{measured:.4g} Hz"
                 raise ValueError(
-                    f"{src.path}: sampling rate {rate} Hz / divider {divider} does not match the model's "
-                    f"{card.rate_hz:g} Hz"
+                    f"{src.path}: sampling rate {shown} (nominal {source.reader.rate_hz} Hz) is not within "
+                    f"±{RATE_TOLERANCE:.0%} of the model's {card.rate_hz:g} Hz × divider {divider} = "
+                    f"{wanted:g} Hz"
                 )
             start = src.start.timestamp() if src.start else int(src.path.stat().st_mtime)
             start_ns[src.robot] = int(start * 1e9)
@@ -215,15 +220,83 @@ def _mqtt(src: Any, card: Any) -> Any:
         max_message_bytes=src.max_message_bytes,
         reconnect_min_s=src.reconnect_min_s,
         reconnect_max_s=src.reconnect_max_s,
+        connect_retry_s=src.connect_retry_s,
+        max_queued_qos0=src.max_queued_qos0,
+    )
+
+
+EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a broker or database is unreachable at start-up; worth a restart
+RATE_TOLERANCE = 0.02  # a replayed file's rate may differ this much (relative) from the model's
+
+
+def robot_limits(config: Any) -> Any:
+    from daemon.pipeline import RobotLimits
+
+    robots = config.robots
+    return RobotLimits(
+        max_robots=robots.max_robots,
+        allow=frozenset(robots.allow) if robots.allow is not None else None,
+        idle_timeout_s=robots.idle_timeout_s,
+    )
+
+
+def prepare_reload(config: Any, config_path: Path | None, card: Any, sources: list[Any]) -> tuple[Any, Any]:
+    """The reload's slow part, on a worker thread: read and check the config, load the model and build
+    its scorer (weights on the device). Returns (config, scorer); raises ConfigError, ModelFormatError
+    or ValueError, and then nothing changes."""
+    from daemon.config import load_config
+    from flows.artifact import load_model
+    from flows.scorer import Scorer
+
+    fresh_config = load_config(config_path) if config_path is not None else config
+    fresh = load_model(fresh_config.model.path, expect_signals=card.signals)
+    divider = int(fresh.card.training.get("rate_divider", 1))
+    for source in sources:  # replayed files keep their rate: the new model must fit it
+        rate = getattr(getattr(source, "reader", None), "rate_hz", None)
+        if (
+            rate is not None
+            and abs(rate / divider - fresh.card.rate_hz) > RATE_TOLERANCE * fresh.card.rate_hz
+        ):
+            raise ValueError(
+                f"the new model scores {fresh.card.rate_hz:g} Hz, but {source.name} replays "
+                f"{rate:g} Hz / divider {divider}"
+            )
+    scorer = Scorer(fresh, device=fresh_config.scoring.device, bf16=fresh_config.scoring.bf16)
+    return fresh_config, scorer
+
+
+def apply_reload(pipeline: Any, old_config: Any, fresh_config: Any, scorer: Any) -> None:
+    """On the event loop, between batches: model (scaler and weights together), model tag, scoring
+    batch and wait, alert settings and robot limits apply at once; changed sources, sinks or metrics
+    need a restart (said in the log)."""
+    pipeline.swap_model(scorer, Path(fresh_config.model.path).name)
+    pipeline.batch = fresh_config.scoring.batch
+    pipeline.max_wait_s = fresh_config.scoring.max_wait_ms / 1000
+    pipeline.alert_options = fresh_config.alerts.model_dump()
+    pipeline.limits = robot_limits(fresh_config)
+    for tracker in pipeline.trackers.values():
+        tracker.reconfigure(**pipeline.alert_options)
+    restart = [
+        name
+        for name in ("sources", "sinks", "metrics", "state_dir")
+        if getattr(fresh_config, name) != getattr(old_config, name)
+    ]
+    if restart:
+        log.warning("reloaded; changes to %s take effect on restart", ", ".join(restart))
+    card = scorer.card
+    log.info(
+        "reloaded config and model %s (threshold %.4g, mode %s)",
+        fresh_config.model.path,
+        card.threshold.value,
+        card.mode,
     )
 
 
 def execute(config: Any, config_path: Path | None = None) -> int:
-    from daemon.config import ConfigError, load_config, resolve_secrets
-    from daemon.logs import register_secret
+    from daemon.config import ConfigError
     from daemon.metrics import MetricsServer
     from daemon.pipeline import FileSink, Pipeline, Sink
-    from daemon.sinks.influx import InfluxSink, InfluxTarget
+    from daemon.sinks.influx import InfluxSink, target_from_config
     from flows.artifact import ModelFormatError, load_model
     from flows.scorer import Scorer
     from ingest.stream import SourceUnavailable
@@ -236,27 +309,14 @@ def execute(config: Any, config_path: Path | None = None) -> int:
     sources, start_ns = build_sources(config, model.card)
     sinks: list[Sink] = []
     if config.sinks.file is not None:
-        sinks.append(FileSink(config.sinks.file.path))
+        file = config.sinks.file
+        sinks.append(FileSink(file.path, max_bytes=max(int(file.max_mb * 2**20), 1), keep=file.keep))
     if config.sinks.influxdb is not None:
         influx = config.sinks.influxdb
         try:
-            password, token = resolve_secrets(influx)
-            register_secret(password)
-            register_secret(token)
+            target = target_from_config(influx)  # secrets resolved and redacted from the logs
         except ConfigError as err:
             raise UsageError(str(err)) from err
-        target = InfluxTarget(
-            url=influx.url,
-            api=influx.api,
-            database=influx.database,
-            retention_policy=influx.retention_policy,
-            username=influx.username,
-            password=password.get_secret_value() if password else None,
-            org=influx.org,
-            bucket=influx.bucket,
-            token=token.get_secret_value() if token else None,
-            timeout_s=influx.timeout_s,
-        )
         try:
             sinks.append(
                 InfluxSink(
@@ -264,7 +324,8 @@ def execute(config: Any, config_path: Path | None = None) -> int:
                     influx.spool_dir,
                     batch_points=influx.batch_points,
                     flush_interval_s=influx.flush_interval_ms / 1000,
-                    spool_max_bytes=influx.spool_max_mb * 2**20,
+                    spool_max_bytes=max(int(influx.spool_max_mb * 2**20), 1),
+                    create_database=influx.create_database,
                 )
             )
         except OSError as err:  # e.g. the spool directory is in use by another daemon
@@ -279,6 +340,7 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         batch=config.scoring.batch,
         max_wait_ms=config.scoring.max_wait_ms,
         alerts=config.alerts.model_dump(),
+        limits=robot_limits(config),
     )
 
     async def main() -> Any:
@@ -316,37 +378,34 @@ def execute(config: Any, config_path: Path | None = None) -> int:
                 stopping = True
                 notifier.stopping()
             pipeline.request_stop()
+            for sink in sinks:  # a full spool must not hold the drain hostage to an InfluxDB outage
+                if isinstance(sink, InfluxSink):
+                    sink.request_stop()
+
+        reloading: asyncio.Task[None] | None = None
 
         def reload() -> None:
-            """SIGHUP: re-read the config file and the model. Model, scoring batch and alert settings
-            apply at once; changed sources, sinks or metrics need a restart (said in the log)."""
-            nonlocal config
-            notifier.reloading()
-            try:
-                fresh_config = load_config(config_path) if config_path is not None else config
-                fresh = load_model(fresh_config.model.path, expect_signals=model.card.signals)
-                scorer = Scorer(fresh, device=fresh_config.scoring.device, bf16=fresh_config.scoring.bf16)
-            except (ConfigError, ModelFormatError, ValueError) as err:
-                log.error("reload failed, keeping the running config and model: %s", err)
-                notifier.ready()
+            """SIGHUP: re-read the config file and the model off the event loop, then swap them in
+            between two batches (see `apply_reload`)."""
+            nonlocal reloading
+            if reloading is not None and not reloading.done():
+                log.warning("reload already in progress; this SIGHUP is ignored")
                 return
-            pipeline.scorer = scorer
-            pipeline.model_name = Path(fresh_config.model.path).name
-            pipeline.batch = fresh_config.scoring.batch
-            pipeline.max_wait_s = fresh_config.scoring.max_wait_ms / 1000
-            pipeline.alert_options = fresh_config.alerts.model_dump()
-            for tracker in pipeline.trackers.values():
-                tracker.reconfigure(**pipeline.alert_options)
-            restart = [
-                name
-                for name in ("sources", "sinks", "metrics", "state_dir")
-                if getattr(fresh_config, name) != getattr(config, name)
-            ]
-            if restart:
-                log.warning("reloaded; changes to %s take effect on restart", ", ".join(restart))
-            log.info("reloaded config and model %s", fresh_config.model.path)
-            config = fresh_config
-            notifier.ready()
+            notifier.reloading()
+            reloading = loop.create_task(reload_async(), name="reload")
+
+        async def reload_async() -> None:
+            nonlocal config
+            try:
+                fresh, scorer = await asyncio.to_thread(
+                    prepare_reload, config, config_path, model.card, sources
+                )
+                apply_reload(pipeline, config, fresh, scorer)
+                config = fresh
+            except (ConfigError, ModelFormatError, ValueError, OSError) as err:
+                log.error("reload failed, keeping the running config and model: %s", err)
+            finally:
+                notifier.ready()
 
         loop.add_signal_handler(signal.SIGTERM, stop)
         loop.add_signal_handler(signal.SIGINT, stop)
@@ -354,15 +413,25 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         notifier.ready(status=f"scoring {len(sources)} source(s) with {Path(config.model.path).name}")
 
         async def watchdog() -> None:
-            assert notifier.watchdog_interval_s is not None
+            """WATCHDOG=1 while the pipeline moves, or while it waits on a sink whose delivery loop is
+            alive and retrying (an outage: backpressure, not a hang); STATUS= whenever that changes."""
+            interval = notifier.watchdog_interval_s or 1.0
             last = -1
+            shown = f"scoring {len(sources)} source(s) with {Path(config.model.path).name}"  # READY's
             while True:
-                if pipeline.moving(last):
+                health = [sink.status() for sink in sinks if isinstance(sink, InfluxSink)]
+                waiting = any(h.waiting for h in health)
+                if notifier.watchdog_interval_s and (pipeline.moving(last) or waiting):
                     notifier.watchdog()
+                troubles = [h.text for h in health if h.state != "ok"]
+                status = "; ".join(troubles) or f"scoring {len(sources)} source(s) with {pipeline.model_name}"
+                if status != shown:
+                    notifier.status(status)
+                    shown = status
                 last = pipeline.stats.windows_scored
-                await asyncio.sleep(notifier.watchdog_interval_s)
+                await asyncio.sleep(interval)
 
-        dog = asyncio.create_task(watchdog()) if notifier.watchdog_interval_s else None
+        dog = asyncio.create_task(watchdog()) if notifier.enabled else None
         metrics = None
         if config.metrics.listen:
             metrics = MetricsServer(config.metrics.listen, lambda: collect_metrics(pipeline, sources, sinks))
@@ -382,19 +451,28 @@ def execute(config: Any, config_path: Path | None = None) -> int:
                 notifier.stopping()
             notifier.close()
 
+    from ingest.mqtt import BrokerRefused
+
     try:
         stats = asyncio.run(main())
-    except SourceUnavailable as err:
+    except BrokerRefused as err:  # credentials or certificate refused: a restart would not help
         raise UsageError(str(err)) from err
+    except SourceUnavailable as err:
+        # not a config error: the broker may come back; exit 75 (EX_TEMPFAIL), which the unit restarts on
+        log.error("a source is unavailable at start-up: %s", err)
+        if not console.is_terminal:
+            console.print(f"cellwatch: source unavailable: {err}")
+        return EXIT_UNAVAILABLE
+    capped = f"; {stats.capped} non-finite scores capped" if stats.capped else ""
     console.print(
-        f"scored {stats.windows_scored} windows from {stats.cycles_in} cycles of {len(sources)} robot(s): "
-        f"{stats.anomalies} over the threshold; inference {stats.inference_seconds:.1f} s "
-        f"in {stats.batches} batches; {len(stats.alerts)} alerts"
+        f"scored {stats.windows_scored} windows from {stats.cycles_in} cycles of {len(stats.robots)} "
+        f"robot(s): {stats.anomalies} over the threshold{capped}; inference {stats.inference_seconds:.1f} s "
+        f"in {stats.batches} batches; {stats.alerts} alerts"
     )
-    if stats.alerts:
+    if stats.recent_alerts:
         from rich.table import Table
 
-        table = Table(title="alerts (first 10)")
+        table = Table(title=f"alerts (latest {min(10, len(stats.recent_alerts))})")
         for col in (
             "robot",
             "cycles",
@@ -403,7 +481,7 @@ def execute(config: Any, config_path: Path | None = None) -> int:
             "top signals",
         ):
             table.add_column(col)
-        for alert in stats.alerts[:10]:
+        for alert in list(stats.recent_alerts)[-10:]:
             offset = f"{alert.event_in_window_s:.2f} s" if alert.event_in_window_s is not None else "?"
             table.add_row(
                 alert.robot,
@@ -420,19 +498,33 @@ def collect_metrics(
     pipeline: Any, sources: list[Any], sinks: list[Any]
 ) -> list[tuple[str, str, dict[str, str], float]]:
     """Samples for the Prometheus endpoint, read from the live objects at scrape time."""
-    from daemon.sinks.influx import InfluxSink
 
     stats = pipeline.stats
     out: list[tuple[str, str, dict[str, str], float]] = [
         ("cellwatch_cycles_in_total", "counter", {}, stats.cycles_in),
         ("cellwatch_windows_scored_total", "counter", {}, stats.windows_scored),
         ("cellwatch_anomalous_windows_total", "counter", {}, stats.anomalies),
-        ("cellwatch_alerts_total", "counter", {}, len(stats.alerts)),
+        ("cellwatch_alerts_total", "counter", {}, stats.alerts),
+        ("cellwatch_alerts_firing", "gauge", {}, sum(t.open is not None for t in pipeline.trackers.values())),
+        ("cellwatch_alert_updates_total", "counter", {}, stats.alert_updates),
+        ("cellwatch_alerts_resolved_total", "counter", {}, stats.alerts_resolved),
+        ("cellwatch_scores_capped_total", "counter", {}, stats.capped),
+        ("cellwatch_inputs_clipped_total", "counter", {}, pipeline.clipped_inputs),
+        ("cellwatch_robots", "gauge", {}, len(set(pipeline.windowers) | set(pipeline.trackers))),
+        ("cellwatch_robots_retired_total", "counter", {}, stats.robots_retired),
+        ("cellwatch_reloads_total", "counter", {}, stats.reloads),
         ("cellwatch_queue_depth", "gauge", {}, pipeline.queue.qsize()),
         ("cellwatch_inference_seconds_total", "counter", {}, stats.inference_seconds),
         ("cellwatch_inference_batches_total", "counter", {}, stats.batches),
     ]
     out.append(("cellwatch_messages_in_total", "counter", {}, stats.messages_in))
+    names = {source.name for source in sources}
+    for name, rejected in pipeline.stream_rejections.items():
+        if name not in names:  # the pipeline's own (idle robots): labelled with what it says
+            out += [
+                ("cellwatch_rejects_total", "counter", {"source": name, "reason": reason}, count)
+                for reason, count in rejected.items()
+            ]
     for source in sources:
         counts = dict(source.rejections)
         for reason, count in pipeline.stream_rejections.get(source.name, {}).items():
@@ -441,26 +533,16 @@ def collect_metrics(
             out.append(
                 ("cellwatch_rejects_total", "counter", {"source": source.name, "reason": reason}, count)
             )
-        if hasattr(source, "assigned"):
-            out.append(
-                ("cellwatch_kafka_assigned_partitions", "gauge", {"source": source.name}, source.assigned)
-            )
-            out.append(("cellwatch_source_paused", "gauge", {"source": source.name}, int(source.paused)))
-        if hasattr(source, "stalled"):
-            out.append(("cellwatch_mqtt_stalled", "gauge", {"source": source.name}, int(source.stalled)))
-        if hasattr(source, "reconnects"):
-            out.append(
-                ("cellwatch_mqtt_reconnects_total", "counter", {"source": source.name}, source.reconnects)
-            )
-        if hasattr(source, "outstanding"):  # messages received whose windows are not written yet
-            out.append(("cellwatch_source_unacked", "gauge", {"source": source.name}, source.outstanding))
+        samples = getattr(source, "metric_samples", None)
+        if samples is not None:  # the source's own gauges and counters (Kafka, MQTT)
+            out.extend(samples())
     for sink in sinks:
         feed: Any = getattr(sink, "stats", None)
         if feed is not None and hasattr(feed, "dropped"):  # publish-back feeds
             name = type(sink).__name__
             out.append(("cellwatch_feed_published_total", "counter", {"sink": name}, feed.published))
             out.append(("cellwatch_feed_dropped_total", "counter", {"sink": name}, feed.dropped))
-        if isinstance(sink, InfluxSink):
-            out.append(("cellwatch_spool_bytes", "gauge", {}, sink.pending_bytes))
-            out.append(("cellwatch_sink_retries_total", "counter", {}, sink.stats.retries))
+        samples = getattr(sink, "metric_samples", None)
+        if samples is not None:  # the sink's own (InfluxDB spool and delivery, file sink)
+            out.extend(samples())
     return out

@@ -253,3 +253,27 @@ def variant_name(value: int) -> str:
 def is_train_cycle(anomaly: bool, setting: int) -> bool:
     """The published split: normal cycles of variant PRE_A are training data, all else is test."""
     return (not anomaly) and setting == TRAIN_VARIANT
+
+
+# Sampling rates. Real recordings are not exactly on the nominal clock: the published 100 Hz files
+# have a median time step of about 10.07 ms (99.3 Hz). A measured rate within RATE_TOLERANCE of a
+# nominal rate is that rate; the nominal rate is what model cards and dashboards show.
+
+#: the published sampling rates (recorded at 500 Hz, a 100 Hz version derived)
+NOMINAL_RATES_HZ: Final = (100, 500)
+#: relative tolerance between a measured and a nominal (or a model's) sampling rate: ±2 %
+RATE_TOLERANCE: Final = 0.02
+
+
+def rate_matches(measured_hz: float, nominal_hz: float, tolerance: float = RATE_TOLERANCE) -> bool:
+    """A measured rate lies within ``tolerance`` (relative) of a nominal one."""
+    return nominal_hz > 0 and abs(measured_hz - nominal_hz) <= tolerance * nominal_hz
+
+
+def nominal_rate(measured_hz: float) -> int:
+    """The published rate (100 or 500 Hz) that a measured rate is within the tolerance of, else the
+    measured rate rounded to whole Hz (e.g. 99.3 -> 100, 500.8 -> 500, 90.2 -> 90)."""
+    for rate in NOMINAL_RATES_HZ:
+        if rate_matches(measured_hz, rate):
+            return rate
+    return round(measured_hz)
