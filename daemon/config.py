@@ -101,6 +101,9 @@ class KafkaSource(_Strict):
     client_id: str = "cellwatch"
     security: KafkaSecurityConfig = KafkaSecurityConfig()
     dead_letter_topic: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
+    dead_letter_queue: int = Field(
+        default=100, ge=1, le=100_000, description="dead letters waiting to be written before pausing"
+    )
     max_message_bytes: int = Field(default=4 * 2**20, ge=1024, le=64 * 2**20)
     start_from: Literal["earliest", "latest"] = Field(
         default="earliest", description="where a group without committed offsets starts"

@@ -50,6 +50,7 @@ def test_unknown_robots_and_one_too_many_are_rejected_and_counted(
         )
         assert {robot for robot, _ in stored(influx, db)} == {"arm-1", "arm-2"}
         assert daemon.metric("cellwatch_robots") == 2
+        assert daemon.metric("cellwatch_cycles_in_total") == 4  # streams count their cycles too
         assert daemon.alive
         assert daemon.stop() == 0
     finally:

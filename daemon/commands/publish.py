@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,36 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--start",
-        help="timestamp of the first sample (ISO 8601 or ns since the epoch; default: now)",
+        help="timestamp of the first sample (ISO 8601 or ns since the epoch). Default: now at --speed 1; "
+        "faster, early enough that no sample is stamped ahead of the clock (the last one is stamped as it "
+        "is sent; at 'inf', the recording ends now)",
     )
     p.set_defaults(func=run)
+
+
+def duration_ns(path: Path, *, test_only: bool, cycles: int | None, robots: int, spread_s: float) -> int:
+    """Data time the run covers per robot (its cycles back to back) plus the robots' spread."""
+    from ingest.voraus.reader import VorausReader
+
+    with VorausReader(path) as reader:
+        meta = reader.meta()
+        rate = reader.rate_hz or 100
+    if test_only:
+        meta = meta[meta["split"] == "test"]
+    if cycles is not None:
+        meta = meta.head(cycles)
+    spread = spread_s if robots > 1 else 0.0
+    return int((int(meta["rows"].sum()) / rate + spread) * 1e9)
+
+
+def default_start(now_ns: int, covered_ns: int, speed: float) -> int:
+    """The first sample's stamp such that no message is stamped ahead of the clock when it is sent:
+    at speed S the run lasts covered/S, and its last sample is stamped as it leaves."""
+    if speed <= 1:
+        return now_ns
+    if math.isinf(speed):
+        return now_ns - covered_ns
+    return now_ns - int(covered_ns * (1 - 1 / speed))
 
 
 def parse_start(text: str | None) -> int:
@@ -80,10 +108,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.file.exists():
         raise UsageError(f"{args.file}: no such file")
     robots = robot_ids(args.robots, args.robot_prefix)
+    start_ns = parse_start(args.start)
+    if args.start is None and args.speed > 1:
+        covered = duration_ns(
+            args.file,
+            test_only=not args.all_cycles,
+            cycles=args.cycles,
+            robots=len(robots),
+            spread_s=args.spread,
+        )
+        start_ns = default_start(start_ns, covered, args.speed)
     batches = plan(
         args.file,
         robots,
-        start_ns=parse_start(args.start),
+        start_ns=start_ns,
         rows_per_message=args.rows_per_message,
         test_split_only=not args.all_cycles,
         max_cycles=args.cycles,
@@ -110,5 +148,10 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"sent {stats.messages} messages ({stats.rows} rows, {stats.bytes / 2**20:.1f} MiB, "
         f"{stats.cycles} cycles) in {stats.seconds:.1f} s: {rate:.0f} messages/s"
+    )
+    first = datetime.fromtimestamp(start_ns / 1e9, tz=UTC).isoformat(timespec="seconds")
+    console.print(
+        f"samples stamped from {first}: a daemon drops rows of these robots older than the newest it has "
+        f"seen (counted as 'duplicate'); for another run over the same time, use --start or --robot-prefix"
     )
     return 0

@@ -14,8 +14,19 @@ log = logging.getLogger("cellwatch.run")
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("run", help="run the monitoring pipeline described by a YAML config")
-    p.add_argument("--config", required=True, type=Path)
+    p = sub.add_parser(
+        "run",
+        help="run the monitoring pipeline described by a YAML config",
+        description=(
+            "The monitoring daemon: sources -> windows -> model -> sinks, with alerts and metrics. "
+            "Sample configs to start from, each loaded by the tests: examples/replay-local.yaml (a "
+            "file replayed into a local JSON-lines file), examples/replay-influx.yaml, "
+            "examples/mqtt-local.yaml, examples/kafka-influx.yaml, examples/service.yaml (what "
+            "install-service installs). Check one first with: cellwatch check --config FILE. "
+            "Exit status: 0 done, 2 a config/model error, 75 a broker or database unreachable at start."
+        ),
+    )
+    p.add_argument("--config", required=True, type=Path, help="YAML config (see examples/)")
     p.set_defaults(func=run_config)
     r = sub.add_parser("replay", help="replay a voraus-AD file through the pipeline (shortcut for run)")
     r.add_argument("file", type=Path, help="voraus-AD parquet file")
@@ -196,6 +207,7 @@ def _kafka(src: Any, card: Any) -> Any:
         client_id=src.client_id,
         security=_kafka_security(src.security),
         dead_letter_topic=src.dead_letter_topic,
+        dead_letter_queue=src.dead_letter_queue,
         max_message_bytes=src.max_message_bytes,
         start_from=src.start_from,
         queue_messages=src.queue_messages,
