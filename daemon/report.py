@@ -91,9 +91,12 @@ class AlertRecord:
 def read_alerts(path: Path) -> list[AlertRecord]:
     """The alerts in a JSON-lines file written by the daemon's file sink; other lines are skipped.
 
+    The daemon writes a line at each event of an alert's life (firing, updates, resolved); the latest
+    line of each alert (by `alert_id`, else robot and start) stands for it, in order of first sight.
+
     Raises ValueError naming the line for a line that is not JSON or an alert without its peak.
     """
-    alerts = []
+    alerts: dict[tuple[str, ...], AlertRecord] = {}
     with Path(path).open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -104,26 +107,32 @@ def read_alerts(path: Path) -> list[AlertRecord]:
                 raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg})") from None
             if not isinstance(record, dict) or record.get("measurement") != ALERT_MEASUREMENT:
                 continue
+            key = (
+                (str(record["alert_id"]),)
+                if "alert_id" in record
+                else (
+                    str(record.get("robot", "")),
+                    str(record.get("time_ns")),
+                )
+            )
             try:
-                alerts.append(
-                    AlertRecord(
-                        robot=str(record.get("robot", "")),
-                        start_ns=int(record["time_ns"]),
-                        peak_cycle=int(record["peak_cycle"]),
-                        peak_score=float(record["peak_score"]),
-                        end_ns=_optional(int, record.get("end_ns")),
-                        duration_s=_optional(float, record.get("duration_s")),
-                        event_time_ns=_optional(int, record.get("event_time_ns")),
-                        windows=_optional(int, record.get("windows")),
-                        cycles=str(record.get("cycles", "")),
-                        top_signals=str(record.get("top_signals", "")),
-                    )
+                alerts[key] = AlertRecord(
+                    robot=str(record.get("robot", "")),
+                    start_ns=int(record["time_ns"]),
+                    peak_cycle=int(record["peak_cycle"]),
+                    peak_score=float(record["peak_score"]),
+                    end_ns=_optional(int, record.get("end_ns")),
+                    duration_s=_optional(float, record.get("duration_s")),
+                    event_time_ns=_optional(int, record.get("event_time_ns")),
+                    windows=_optional(int, record.get("windows")),
+                    cycles=str(record.get("cycles", "")),
+                    top_signals=str(record.get("top_signals", "")),
                 )
             except KeyError as err:
                 raise ValueError(f"{path}:{lineno}: alert without {err.args[0]!r}") from None
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{path}:{lineno}: malformed alert ({err})") from None
-    return alerts
+    return list(alerts.values())
 
 
 def _optional(kind: type[Any], value: Any) -> Any:

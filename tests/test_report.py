@@ -10,6 +10,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import matplotlib.image
 import numpy as np
@@ -130,8 +131,14 @@ def test_auroc_table_matches_independent_metrics(report: str, tiny_cell_and_mode
 
 def test_alert_table_lists_the_daemons_alerts(alert_report: str, alerts_file: Path) -> None:
     lines = [json.loads(line) for line in alerts_file.read_text().splitlines()]
-    alerts = [line for line in lines if line["measurement"] == "alert"]
+    events = [line for line in lines if line["measurement"] == "alert"]
+    latest: dict[str, dict[str, Any]] = {}
+    for event in events:  # firing, updates, resolved: one row per alert, its latest state
+        latest[event["alert_id"]] = event
+    alerts = list(latest.values())
     assert alerts, "the tiny model raised no alert; the test needs some"
+    assert len(events) > len(alerts)  # each alert was written when it fired and when it resolved
+    assert {a["state"] for a in alerts} == {"resolved"}
     rows = re.findall(r'<tr class="alert" data-peak-cycle="(\d+)">(.*?)</tr>', alert_report)
     assert [int(cycle) for cycle, _ in rows] == [a["peak_cycle"] for a in alerts]
     for (_, row), alert in zip(rows, alerts, strict=True):
