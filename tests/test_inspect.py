@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from parquet_damage import damage_chunk, jitter_time
 from voraus_factory import make_frame, write_fastparquet, write_pyarrow
 
 from daemon.cli import main
@@ -119,3 +120,46 @@ def test_wrong_dtype_names_column_and_dtypes(tmp_path: Path, capsys: pytest.Capt
     path = write_pyarrow(df, tmp_path / "float_sample.parquet")
     assert main(["inspect", str(path)]) == 2
     assert "column 'sample' has dtype float64, expected int64" in capsys.readouterr().err
+
+
+def test_jittered_clock_shows_nominal_and_measured_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A published 100 Hz file steps 10.07 ms on median: 100 Hz nominal, 99.3 Hz measured."""
+    exact = write_pyarrow(make_frame(), tmp_path / "exact.parquet")
+    path = jitter_time(exact, tmp_path / "real.parquet", step_s=0.01007)
+    s = inspect_json(capsys, str(path))
+    assert s["rate_hz"] == 100
+    assert s["measured_rate_hz"] == pytest.approx(99.3, abs=0.05)
+    assert main(["inspect", str(path)]) == 0
+    assert "100 Hz (measured 99.3" in capsys.readouterr().out
+
+
+def test_damaged_row_group_is_reported_and_the_rest_summarized(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_pyarrow(make_frame(), tmp_path / "rg.parquet", row_group_size=100)
+    damage_chunk(path, 1, "motor_iq_2")  # rows 100-199: cycles 11 and 12
+    quick = inspect_json(capsys, str(path))  # meta columns only: a signal chunk is not read
+    assert quick["row_groups"] == 5
+    assert quick["rejections"] == {}
+
+    full = inspect_json(capsys, str(path), "--validate")
+    assert full["rejections"] == {"damaged_row_group": 2}
+    assert [(e["sample"], e["reason"]) for e in full["rejection_examples"]] == [
+        (11, "damaged_row_group"),
+        (12, "damaged_row_group"),
+    ]
+    assert list(full["damaged_row_groups"]) == ["1"]
+    assert "motor_iq_2" in full["damaged_row_groups"]["1"]
+
+    damage_chunk(path, 3, "category")  # a meta chunk: seen without --validate (cycles 13, 14)
+    quick = inspect_json(capsys, str(path))
+    assert quick["rejections"] == {"damaged_row_group": 2}
+    assert "category" in quick["damaged_row_groups"]["3"]
+    assert main(["inspect", str(path), "--validate"]) == 0
+    out = capsys.readouterr().out
+    assert "5, 2 damaged" in out
+    assert "damaged: row group 1 (rows 100..199): cannot decode 1 column(s): motor_iq_2" in " ".join(
+        out.split()
+    )

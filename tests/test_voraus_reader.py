@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from voraus_factory import expected_cycles, make_frame, write_fastparquet, write_pyarrow
+from parquet_damage import damage_chunk, jitter_time
+from voraus_factory import expected_cycles, make_frame, to_table, write_fastparquet, write_pyarrow
 
 from ingest.errors import VorausFormatError
 from ingest.voraus import schema
@@ -500,3 +501,185 @@ def test_closed_reader_refuses_to_read(good_file: Path) -> None:
         pass
     with pytest.raises(ValueError, match="closed"):
         next(reader.cycles())
+
+
+# -- damaged row groups ----------------------------------------------------------------------------
+
+# make_frame's cycles 10..14 cover rows 0-59, 60-154, 155-274, 275-324, 325-404; with 100 rows per row
+# group, row group 1 (rows 100-199) holds rows of cycles 11 and 12 (which span row groups 0-2).
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_damaged_row_group_rejects_its_cycles_and_the_others_come_through(
+    tmp_path: Path, frame: pd.DataFrame, strategy: str
+) -> None:
+    path = write_pyarrow(frame, tmp_path / "rg.parquet", row_group_size=100)
+    damage_chunk(path, 1, "motor_iq_2")
+    with VorausReader(path, strategy=strategy, batch_rows=32) as reader:
+        cycles = list(reader.cycles())
+        stats = reader.rejections
+        damaged = reader.damaged_row_groups
+    expected = expected_cycles(frame)
+    assert [c.sample for c in cycles] == [10, 13, 14]
+    for c in cycles:
+        assert_cycle_equals(c, expected[c.sample])
+    assert stats.counts == {"damaged_row_group": 2}
+    assert [(r.sample, r.reason) for r in stats.examples] == [
+        (11, "damaged_row_group"),
+        (12, "damaged_row_group"),
+    ]
+    assert "row group 1 (rows 100..199)" in stats.examples[0].detail
+    assert "motor_iq_2" in stats.examples[0].detail
+    assert list(damaged) == [1]
+
+
+def test_a_damaged_sample_chunk_rejects_the_cycles_around_it(tmp_path: Path, frame: pd.DataFrame) -> None:
+    """Sample ids of the damaged rows are unknown: the cycles reaching into them are rejected, and so
+    are the rows themselves (one rejection without an id); reading goes on after them."""
+    path = write_pyarrow(frame, tmp_path / "rg.parquet", row_group_size=100)
+    damage_chunk(path, 3, "sample")  # rows 300-399: cycle 13 (275-324) and 14 (325-404)
+    cycles, stats = read_all(path)
+    assert [c.sample for c in cycles] == [10, 11, 12]
+    assert stats.counts == {"damaged_row_group": 3}
+    assert [r.sample for r in stats.examples] == [13, None, 14]
+    assert "sample ids unknown" in stats.examples[1].detail
+    with VorausReader(path) as reader:
+        meta = reader.meta()
+    assert meta.loc[meta["problem"] == "damaged_row_group", "sample"].tolist()[::2] == [13, 14]
+
+
+def test_meta_marks_cycles_of_a_damaged_meta_chunk(tmp_path: Path, frame: pd.DataFrame) -> None:
+    path = write_pyarrow(frame, tmp_path / "rg.parquet", row_group_size=100)
+    damage_chunk(path, 2, "time")  # rows 200-299: cycles 12 and 13
+    with VorausReader(path) as reader:
+        meta = reader.meta()
+    assert dict(zip(meta["sample"], meta["problem"], strict=True)) == {
+        10: "",
+        11: "",
+        12: "damaged_row_group",
+        13: "damaged_row_group",
+        14: "",
+    }
+
+
+def test_fastparquet_row_groups_as_published_style(tmp_path: Path, frame: pd.DataFrame) -> None:
+    """fastparquet (uncompressed, as the published files): a spoiled page header fails its row group;
+    a file of one row group (as published) then loses every cycle, but reading never raises."""
+    import fastparquet
+
+    df = frame.copy()
+    df.index = pd.RangeIndex(len(df), name=schema.OPTIONAL_INDEX_COLUMN)
+    path = tmp_path / "fp.parquet"
+    fastparquet.write(str(path), df, row_group_offsets=[0, 100, 200, 300, 400], write_index=True)
+    damage_chunk(path, 1, "joint_velocity_4")
+    cycles, stats = read_all(path)
+    assert [c.sample for c in cycles] == [10, 13, 14]
+    assert stats.counts == {"damaged_row_group": 2}
+
+    one = write_fastparquet(frame, tmp_path / "one.parquet")
+    damage_chunk(one, 0, "motor_iq_2")
+    cycles, stats = read_all(one)
+    assert cycles == []
+    assert stats.counts == {"damaged_row_group": 5}
+
+
+def test_page_checksums_turn_silent_corruption_into_a_rejection(tmp_path: Path, frame: pd.DataFrame) -> None:
+    """Overwriting plain float values (not a header) decodes to wrong numbers; a file written with
+    page checksums has the damage caught and its cycles rejected instead."""
+    path = tmp_path / "crc.parquet"
+    pq.write_table(
+        to_table(frame),
+        path,
+        row_group_size=100,
+        compression="none",
+        use_dictionary=False,
+        write_page_checksum=True,
+    )
+    damage_chunk(path, 1, "motor_iq_2", tail=16)
+    cycles, stats = read_all(path)
+    assert [c.sample for c in cycles] == [10, 13, 14]
+    assert stats.counts == {"damaged_row_group": 2}
+    assert "checksum" in stats.examples[0].detail.lower() or "crc" in stats.examples[0].detail.lower()
+
+
+# -- nominal and measured rate ---------------------------------------------------------------------
+
+
+def test_a_jittered_100_hz_file_is_100_hz_nominal(tmp_path: Path, frame: pd.DataFrame) -> None:
+    """The published 100 Hz files step 10.07 ms on median (99.3 Hz): nominally 100 Hz."""
+    src = write_pyarrow(frame, tmp_path / "exact.parquet")
+    path = jitter_time(src, tmp_path / "jitter.parquet", step_s=0.01007)
+    with VorausReader(path) as reader:
+        assert reader.rate_hz == 100
+        assert reader.measured_rate_hz == pytest.approx(99.3, abs=0.05)
+    slow = jitter_time(src, tmp_path / "90.parquet", step_s=1 / 90)
+    with VorausReader(slow) as reader:
+        assert reader.rate_hz == 90
+        assert reader.measured_rate_hz == pytest.approx(90, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("measured", "nominal"),
+    [(99.3, 100), (100.0, 100), (98.1, 100), (101.9, 100), (497.0, 500), (97.5, 98), (90.2, 90), (50.0, 50)],
+)
+def test_nominal_rate_snaps_within_the_tolerance(measured: float, nominal: int) -> None:
+    assert schema.nominal_rate(measured) == nominal
+
+
+def test_rate_matches_is_relative() -> None:
+    assert schema.rate_matches(99.3, 100)
+    assert schema.rate_matches(19.9, 20)
+    assert not schema.rate_matches(90.0, 100)
+    assert not schema.rate_matches(97.9, 100)
+    assert not schema.rate_matches(1.0, 0)
+
+
+# -- found by the fuzz campaign (benchmarks/fuzz_decoders.py) ----------------------------------------
+
+
+def test_a_footer_with_a_non_utf8_column_name_is_a_format_error(tmp_path: Path, frame: pd.DataFrame) -> None:
+    path = write_pyarrow(frame.rename(columns={"io_current": "io_currént"}), tmp_path / "name.parquet")
+    data = path.read_bytes()
+    assert data.count("é".encode()) >= 1
+    path.write_bytes(data.replace("é".encode(), b"\xc3\x28"))  # same length: offsets stay valid
+    with pytest.raises(VorausFormatError, match="not a parquet file"):
+        VorausReader(path)
+
+
+def test_time_steps_too_small_for_a_finite_rate_give_no_rate(tmp_path: Path, frame: pd.DataFrame) -> None:
+    frame["time"] = frame.groupby("sample").cumcount().to_numpy() * 5e-324  # the smallest float step
+    path = write_pyarrow(frame, tmp_path / "tiny_steps.parquet")
+    with VorausReader(path) as reader:
+        assert reader.measured_rate_hz is None
+        assert reader.rate_hz is None
+
+
+def test_replay_source_reports_damage_and_measured_rate_as_metrics(
+    tmp_path: Path, frame: pd.DataFrame
+) -> None:
+    import asyncio
+
+    from ingest.voraus.source import VorausReplaySource
+
+    path = write_pyarrow(frame, tmp_path / "rg.parquet", row_group_size=100)
+    damage_chunk(path, 1, "motor_iq_2")
+    source = VorausReplaySource(path, "r1", schema.MACHINE_SIGNALS, speed=math.inf, test_split_only=False)
+
+    async def drain() -> list[int]:
+        return [c.sample async for c in source.cycles()]
+
+    try:
+        assert source.reader.measured_rate_hz == pytest.approx(100)
+        assert asyncio.run(drain()) == [10, 13, 14]
+        samples = {
+            name: value
+            for name, _, labels, value in source.metric_samples()
+            if labels == {"source": "replay:r1"}
+        }
+        assert samples == {
+            "cellwatch_replay_damaged_row_groups": 1.0,
+            "cellwatch_replay_measured_rate_hz": pytest.approx(100),
+        }
+        assert source.rejections == {"damaged_row_group": 2}
+    finally:
+        source.close()

@@ -63,6 +63,7 @@ def summarize(path: Path, *, validate: bool = False) -> dict[str, Any]:
             "cycles": len(per_cycle),
             "signals": len(reader.signal_names),
             "rate_hz": reader.rate_hz,
+            "measured_rate_hz": _rounded(reader.measured_rate_hz),
             "categories": _counts(per_cycle, "category", "category_name"),
             "variants": _counts(per_cycle, "setting", "variant_name"),
             "split": {k: int((per_cycle["split"] == k).sum()) for k in ("train", "test")},
@@ -75,7 +76,13 @@ def summarize(path: Path, *, validate: bool = False) -> dict[str, Any]:
         else:
             bad = per_cycle[per_cycle["problem"] != ""]
             summary["rejections"] = {str(k): int(v) for k, v in bad["problem"].value_counts().items()}
+        summary["row_groups"] = reader.row_groups
+        summary["damaged_row_groups"] = {str(k): v for k, v in reader.damaged_row_groups.items()}
     return summary
+
+
+def _rounded(rate: float | None) -> float | None:
+    return None if rate is None else round(rate, 2)
 
 
 def _validate(reader: VorausReader, total: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
@@ -121,12 +128,14 @@ def print_summary(s: dict[str, Any]) -> None:
     overview.add_column("")
     d = s["duration_s"]
     t0, t1 = s["time_range"]
-    rate = "?" if s["rate_hz"] is None else f"{s['rate_hz']} Hz"
+    rate = "?" if s["rate_hz"] is None else f"{s['rate_hz']} Hz (measured {s['measured_rate_hz']:.2f} Hz)"
+    damaged = s.get("damaged_row_groups", {})
     for key, value in (
         ("cycles", f"{s['cycles']:,}"),
         ("rows", f"{s['rows']:,}"),
         ("signals", str(s["signals"])),
         ("sampling rate", rate),
+        ("row groups", f"{s['row_groups']:,}" + (f", {len(damaged)} damaged" if damaged else "")),
         ("split", f"{s['split']['train']:,} train / {s['split']['test']:,} test"),
         ("time range", f"{_fmt(t0, ' s')} .. {_fmt(t1, ' s')}"),
         ("cycle duration", f"min {_fmt(d['min'])} / mean {_fmt(d['mean'])} / max {_fmt(d['max'])} s"),
@@ -142,6 +151,8 @@ def print_summary(s: dict[str, Any]) -> None:
             table.add_row(name, f"{n:,}")
         console.print(table)
 
+    for detail in damaged.values():
+        console.print(f"damaged: {detail}", markup=False, highlight=False)
     rejections = s["rejections"]
     how = "streaming every cycle" if s["validated"] else "meta-level checks; --validate checks signals too"
     if not rejections:

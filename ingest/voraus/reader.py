@@ -11,7 +11,13 @@ file and assembles cycles from that (``strategy="spill"``; disk: 8 bytes per row
 ``spill_dir``: by default $TMPDIR, else /var/tmp, which unlike /tmp is rarely RAM-backed).
 
 Per-cycle data problems never raise: the cycle is rejected with a reason code and counted in
-:attr:`VorausReader.rejections`, and the iteration goes on.
+:attr:`VorausReader.rejections`, and the iteration goes on. So does a damaged row group (a column
+chunk that cannot be decoded or fails its page checksum, while the footer is intact): the cycles with
+rows in it are rejected whole (``damaged_row_group``), those of the other row groups come out. Only a
+file whose footer or schema cannot be read raises :class:`VorausFormatError`.
+
+The sampling rate is measured (1 / median time step) and reported as a nominal rate: within
+``schema.RATE_TOLERANCE`` (±2 %) of a published rate (100, 500 Hz) it is that rate.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from ingest.errors import VorausFormatError
 from ingest.voraus import schema
 
 # Reason codes, in order of precedence (a cycle with several problems gets the first that applies).
+DAMAGED_ROW_GROUP: Final = "damaged_row_group"
 SPLIT_CYCLE: Final = "split_cycle"
 TOO_LONG: Final = "too_long"
 TOO_SHORT: Final = "too_short"
@@ -47,6 +54,7 @@ NAN: Final = "nan"
 INF: Final = "inf"
 NON_MONOTONIC_TIME: Final = "non_monotonic_time"
 REASONS: Final = (
+    DAMAGED_ROW_GROUP,
     SPLIT_CYCLE,
     TOO_LONG,
     TOO_SHORT,
@@ -72,6 +80,10 @@ _SKIP_SPLIT: Final = 1  # first run of a split sample id: reported
 _SKIP_SPLIT_LATER: Final = 2  # later runs of a split sample id: counted with the first
 _SKIP_LONG: Final = 3
 _SKIP_SHORT: Final = 4
+_SKIP_DAMAGED: Final = 5  # has rows in a row group whose ``sample`` column could not be read (reported)
+_SKIP_DAMAGED_LATER: Final = 6  # later runs of such a sample id: counted with the first
+#: sample id given to the rows of a damaged ``sample`` chunk (their ids are unknown), plus a counter
+_UNKNOWN_ID: Final = np.iinfo(np.int64).min
 #: default spill directory; safe to share: the spill file is created unlinked (tempfile.TemporaryFile)
 _DISK_TMP: Final = "/var/tmp"  # noqa: S108
 
@@ -160,6 +172,8 @@ class _Runs:
     id_index: np.ndarray  # int64, index of the run's sample id among the distinct ids
     id_offsets: np.ndarray  # int64, per distinct id: where its runs start in ``id_order``
     id_order: np.ndarray  # int64, run indices grouped by sample id, in file order within an id
+    damaged: np.ndarray  # object (str), per run: why its cycle is lost to a damaged row group, or ""
+    unknown_id: np.ndarray  # bool, per run: rows of a damaged ``sample`` chunk (id unknown)
 
     @property
     def end(self) -> np.ndarray:
@@ -188,10 +202,15 @@ class _Block:
     meta: dict[str, np.ndarray]
     signals: np.ndarray
     nulls: dict[str, np.ndarray]
+    damaged: str = ""  # not "": rows that could not be decoded (no data; signals has 0 columns)
 
     @property
     def n(self) -> int:
         return int(self.signals.shape[0])
+
+    @classmethod
+    def lost(cls, start: int, n: int, detail: str) -> _Block:
+        return cls(start, {}, np.empty((n, 0), np.float64), {}, detail)
 
     def slice(self, a: int, b: int) -> _Block:
         return _Block(
@@ -199,7 +218,53 @@ class _Block:
             {k: v[a:b] for k, v in self.meta.items()},
             self.signals[a:b],
             {k: v[a:b] for k, v in self.nulls.items()},
+            self.damaged,
         )
+
+
+@dataclass(frozen=True)
+class _Damage:
+    """Rows [start, stop) of row group ``row_group`` whose columns could not be decoded."""
+
+    start: int
+    stop: int
+    row_group: int
+    detail: str
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+
+class _RowCountMismatch(Exception):
+    """A row group decodes to another number of rows than its footer entry says."""
+
+
+def _merge_damage(ranges: list[_Damage]) -> list[_Damage]:
+    """Sorted, non-overlapping damage ranges (where two overlap, the first one's detail is kept)."""
+    out: list[_Damage] = []
+    for d in sorted(ranges, key=lambda d: (d.start, d.stop)):
+        if out and d.start < out[-1].stop:
+            last = out[-1]
+            out[-1] = _Damage(last.start, max(last.stop, d.stop), last.row_group, last.detail)
+        else:
+            out.append(d)
+    return out
+
+
+def _cut(g0: int, g1: int, damage: list[_Damage]) -> Iterator[tuple[int, int, str]]:
+    """Rows [g0, g1) as pieces (a, b, detail): detail is "" for intact rows, else the damage's."""
+    pos = g0
+    for d in damage:
+        if d.stop <= pos or d.start >= g1:
+            continue
+        if d.start > pos:
+            yield pos, d.start, ""
+        b = min(d.stop, g1)
+        yield max(pos, d.start), b, d.detail
+        pos = b
+    if pos < g1:
+        yield pos, g1, ""
 
 
 class _SpillFile:
@@ -340,14 +405,23 @@ class VorausReader:
         self._budget = memory_budget
         self._spill_dir = _default_spill_dir() if spill_dir is None else os.fspath(spill_dir)
         self._runs_cache: _Runs | None = None
-        self._rate: int | None = None
+        self._rate: float | None = None
         self._rate_known = False
+        self._damage: dict[int, str] = {}
+        self._bad_columns: dict[tuple[int, str], str] = {}  # (row group, column) -> decode error or ""
         self._col_bytes_cache: dict[str, int] | None = None
         self._rejections = RejectStats()
         self._closed = False
         self._pf = _open_parquet(self._path)
         try:
             _check_layout(self._path, self._pf)
+        except (
+            pa.ArrowException,
+            OSError,
+            UnicodeDecodeError,
+        ) as err:  # a footer that does not hold together
+            self._pf.close()
+            raise VorausFormatError(f"{self._path}: unreadable footer ({_one_line(err)})") from err
         except BaseException:
             self._pf.close()
             raise
@@ -363,6 +437,10 @@ class VorausReader:
         return int(self._pf.metadata.num_rows)
 
     @property
+    def row_groups(self) -> int:
+        return int(self._pf.metadata.num_row_groups)
+
+    @property
     def signal_names(self) -> tuple[str, ...]:
         return self._signals
 
@@ -373,11 +451,28 @@ class VorausReader:
 
     @property
     def rate_hz(self) -> int | None:
-        """Sampling rate, round(1/median time step) within the first cycles; None if undeterminable."""
+        """Nominal sampling rate: the measured rate snapped to a published rate (100, 500 Hz) within
+        ``schema.RATE_TOLERANCE``, else rounded to whole Hz; None if undeterminable."""
+        measured = self.measured_rate_hz
+        return None if measured is None else schema.nominal_rate(measured)
+
+    @property
+    def measured_rate_hz(self) -> float | None:
+        """1 / median time step within the first cycles (e.g. 99.3 for a published 100 Hz file)."""
         if not self._rate_known:
             self._rate = self._estimate_rate()
             self._rate_known = True
         return self._rate
+
+    @property
+    def damaged_row_group_count(self) -> int:
+        """How many row groups were found damaged so far (safe to read from another thread)."""
+        return len(self._damage)
+
+    @property
+    def damaged_row_groups(self) -> dict[int, str]:
+        """Row groups found damaged by any read so far (row group index -> what failed)."""
+        return dict(sorted(self._damage.items()))
 
     @property
     def strategy(self) -> Literal["stream", "spill"]:
@@ -463,10 +558,17 @@ class VorausReader:
         lo = {c: np.full(nr, np.iinfo(np.int64).max) for c in _CONSTANT_META}
         hi = {c: np.full(nr, np.iinfo(np.int64).min) for c in _CONSTANT_META}
         ends = runs.end
+        lost = runs.damaged != ""
         for group in self._column_groups(_CYCLE_META):
             g0 = 0
             prev_time: float | None = None
             for batch in self._batches(group):
+                if isinstance(batch, _Damage):
+                    r0, r1, _ = runs.segments(batch.start, batch.n)
+                    lost[r0:r1] = True
+                    g0 = batch.stop
+                    prev_time = None
+                    continue
                 n = batch.num_rows
                 if n == 0:
                     continue
@@ -500,6 +602,7 @@ class VorausReader:
         category = first["category"]
         unknown = ~np.isin(category, np.fromiter(_KNOWN_CATEGORIES, np.int64))
         checks = [
+            (DAMAGED_ROW_GROUP, lost),
             (SPLIT_CYCLE, runs.split),
             (TOO_LONG, runs.length > self._max_rows),
             (TOO_SHORT, runs.length < self._min_rows),
@@ -536,18 +639,54 @@ class VorausReader:
 
     # -- internals: file access -------------------------------------------------------------------
 
-    def _batches(self, columns: Sequence[str], batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
-        """Record batches of some columns; a file that cannot be decoded raises VorausFormatError."""
+    def _batches(
+        self, columns: Sequence[str], batch_rows: int | None = None
+    ) -> Iterator[pa.RecordBatch | _Damage]:
+        """Record batches of some columns, row group by row group, in file order. The rows of a row
+        group that cannot be decoded (from the first failing batch on) come as one :class:`_Damage`."""
         if self._closed:
             raise ValueError(f"{self._path}: the reader is closed")
-        try:
-            yield from self._pf.iter_batches(
-                batch_size=batch_rows or self._batch_rows, columns=list(columns), use_threads=True
-            )
-        except (pa.ArrowException, OSError) as err:
-            raise VorausFormatError(
-                f"{self._path}: cannot read {', '.join(columns)}: {_one_line(err)}"
-            ) from err
+        md = self._pf.metadata
+        g = 0
+        for i in range(md.num_row_groups):
+            expected = md.row_group(i).num_rows
+            done = 0
+            try:
+                for batch in self._pf.iter_batches(
+                    batch_size=batch_rows or self._batch_rows,
+                    row_groups=[i],
+                    columns=list(columns),
+                    use_threads=True,
+                ):
+                    if done + batch.num_rows > expected:
+                        raise _RowCountMismatch(f"more rows than the {expected} of the footer")
+                    done += batch.num_rows
+                    yield batch
+                if done != expected:
+                    raise _RowCountMismatch(f"{done} rows, the footer says {expected}")
+            except (pa.ArrowException, OSError, _RowCountMismatch) as err:
+                where = f"rows {g}..{g + expected - 1}" if expected else "no rows"
+                bad = self._failing_columns(i, columns)
+                what = _names_detail(list(bad or columns))
+                why = self._bad_columns[(i, bad[0])] if bad else _one_line(err)
+                detail = f"row group {i} ({where}): cannot decode {what}: {why}"
+                self._damage.setdefault(i, detail)
+                if done < expected:
+                    yield _Damage(g + done, g + expected, i, detail)
+            g += expected
+
+    def _failing_columns(self, i: int, columns: Sequence[str]) -> list[str]:
+        """Which of ``columns`` cannot be decoded in row group ``i`` (each tried alone, once)."""
+        for c in columns:
+            if (i, c) in self._bad_columns:
+                continue
+            try:
+                for _ in self._pf.iter_batches(batch_size=self._batch_rows, row_groups=[i], columns=[c]):
+                    pass
+                self._bad_columns[(i, c)] = ""
+            except (pa.ArrowException, OSError) as err:
+                self._bad_columns[(i, c)] = _one_line(err)
+        return [c for c in columns if self._bad_columns[(i, c)]]
 
     def _col_bytes(self) -> dict[str, int]:
         """Largest uncompressed column chunk of each column over row groups (bytes)."""
@@ -586,9 +725,17 @@ class VorausReader:
         starts: list[np.ndarray] = []
         ids: list[np.ndarray] = []
         null_rows: list[np.ndarray] = []
+        lost: list[_Damage] = []  # rows whose sample ids are unknown
         prev: int | None = None
         g = 0
         for batch in self._batches(["sample"]):
+            if isinstance(batch, _Damage):  # one run of unknown id; the next batch starts a new run
+                starts.append(np.array([batch.start], np.int64))
+                ids.append(np.array([_UNKNOWN_ID + len(lost)], np.int64))
+                lost.append(batch)
+                prev = None
+                g += batch.n
+                continue
             arr = batch.column(0)
             if len(arr) == 0:
                 continue
@@ -622,6 +769,7 @@ class VorausReader:
         first_of_id = np.zeros(nr, bool)
         first_of_id[first_idx] = True
         inverse = inverse.reshape(-1).astype(np.int64)
+        unknown_id, damaged = _lost_runs(start, inverse, lost)
         self._runs_cache = _Runs(
             sample=sample,
             start=start,
@@ -632,15 +780,20 @@ class VorausReader:
             id_index=inverse,
             id_offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
             id_order=np.argsort(inverse, kind="stable").astype(np.int64),
+            damaged=damaged,
+            unknown_id=unknown_id,
         )
         return self._runs_cache
 
-    def _estimate_rate(self) -> int | None:
+    def _estimate_rate(self) -> float | None:
         steps: list[np.ndarray] = []
         have = 0
         prev_s: int | None = None
         prev_t = math.nan
         for batch in self._batches(["sample", "time"], batch_rows=max(self._batch_rows, 4096)):
+            if isinstance(batch, _Damage):
+                prev_s = None
+                continue
             s = pc.fill_null(batch.column(0), -1).to_numpy(zero_copy_only=False)
             t = pc.fill_null(batch.column(1), math.nan).to_numpy(zero_copy_only=False)
             if len(s) == 0:
@@ -657,11 +810,16 @@ class VorausReader:
                 break
         if not have:
             return None
-        return round(1.0 / float(np.median(np.concatenate(steps))))
+        rate = 1.0 / float(np.median(np.concatenate(steps)))
+        return rate if math.isfinite(rate) else None
 
     def _stream_blocks(self, columns: Sequence[str]) -> Generator[_Block, None, None]:
         g = 0
         for batch in self._batches(columns):
+            if isinstance(batch, _Damage):
+                yield _Block.lost(batch.start, batch.n, batch.detail)
+                g = batch.stop
+                continue
             n = batch.num_rows
             nulls: dict[str, np.ndarray] = {}
             meta = {c: _fill_nulls(batch.column(c), c, nulls) for c in _CYCLE_META}
@@ -676,10 +834,15 @@ class VorausReader:
         """Copy the columns a budget-sized group at a time into a temporary file, then read blocks."""
         dtypes = {c: schema.META_DTYPES.get(c, schema.SIGNAL_DTYPE) for c in columns}
         spill = _SpillFile(dtypes, self.num_rows, self._spill_dir)
+        damage: list[_Damage] = []
         try:
             for group in self._column_groups(columns):
                 g = 0
                 for batch in self._batches(group):
+                    if isinstance(batch, _Damage):  # its rows stay zeros in the spill file
+                        damage.append(batch)
+                        g = batch.stop
+                        continue
                     for name in group:
                         nulls: dict[str, np.ndarray] = {}
                         values = _fill_nulls(batch.column(name), name, nulls)
@@ -687,11 +850,16 @@ class VorausReader:
                             spill.write_nulls(name, g, nulls[name])
                         spill.write(name, g, values.astype(dtypes[name], copy=False))
                     g += batch.num_rows
-            for g in range(0, self.num_rows, self._batch_rows):
-                n = min(self._batch_rows, self.num_rows - g)
-                meta = {c: spill.read(c, g, n) for c in _CYCLE_META}
-                sig_cols = [spill.read(c, g, n) for c in self._signals]
-                yield _Block(g, meta, _to_matrix(sig_cols, self._signals, n), spill.read_nulls(g, n))
+            damage = _merge_damage(damage)
+            for g0 in range(0, self.num_rows, self._batch_rows):
+                for g, g1, detail in _cut(g0, min(g0 + self._batch_rows, self.num_rows), damage):
+                    n = g1 - g
+                    if detail:
+                        yield _Block.lost(g, n, detail)
+                        continue
+                    meta = {c: spill.read(c, g, n) for c in _CYCLE_META}
+                    sig_cols = [spill.read(c, g, n) for c in self._signals]
+                    yield _Block(g, meta, _to_matrix(sig_cols, self._signals, n), spill.read_nulls(g, n))
         finally:
             spill.close()
 
@@ -705,6 +873,9 @@ class VorausReader:
         skip[runs.length > self._max_rows] = _SKIP_LONG
         skip[runs.split] = _SKIP_SPLIT_LATER
         skip[runs.split & runs.first_of_id] = _SKIP_SPLIT
+        lost = runs.damaged != ""
+        skip[lost] = _SKIP_DAMAGED_LATER
+        skip[lost & runs.first_of_id] = _SKIP_DAMAGED
         nr = len(runs)
         r = 0
         pieces: list[_Block] = []
@@ -732,6 +903,8 @@ class VorausReader:
     def _skipped(self, runs: _Runs, r: int, code: int) -> Rejection | None:
         """The rejection of a run refused from the pre-scan (None for later runs of a split id)."""
         sid, length = int(runs.sample[r]), int(runs.length[r])
+        if code == _SKIP_DAMAGED:
+            return Rejection(None if runs.unknown_id[r] else sid, DAMAGED_ROW_GROUP, str(runs.damaged[r]))
         if code == _SKIP_SPLIT:
             where = runs.runs_of_id(r)
             shown = ", ".join(f"{runs.start[k]}..{runs.start[k] + runs.length[k] - 1}" for k in where[:5])
@@ -746,6 +919,9 @@ class VorausReader:
 
     def _build(self, sample: int, pieces: list[_Block], sample_nulls: int) -> Cycle | Rejection:
         """Check the rows of one cycle; return the Cycle or why it is rejected."""
+        lost = next((p.damaged for p in pieces if p.damaged), "")
+        if lost:
+            return Rejection(sample, DAMAGED_ROW_GROUP, lost)
         meta = {c: _cat([p.meta[c] for p in pieces]) for c in _CYCLE_META}
         signals = _cat([p.signals for p in pieces])
         time = meta["time"]
@@ -821,6 +997,34 @@ def _names_detail(names: Sequence[str]) -> str:
     return f"{len(names)} column(s): {shown}{more}"
 
 
+def _lost_runs(start: np.ndarray, id_index: np.ndarray, lost: list[_Damage]) -> tuple[np.ndarray, np.ndarray]:
+    """Runs lost to unreadable ``sample`` chunks: (unknown_id, damaged detail) per run.
+
+    The rows of each unreadable chunk are one run of unknown id. The runs just before and after it
+    may continue into those rows, so their cycles are lost too, and so is every run of a lost id.
+    """
+    nr = len(start)
+    unknown = np.zeros(nr, bool)
+    damaged = np.full(nr, "", dtype=object)
+    if not lost:
+        return unknown, damaged
+    at = [int(np.searchsorted(start, d.start)) for d in lost]
+    for r, d in zip(at, lost, strict=True):
+        unknown[r] = True
+        damaged[r] = f"{d.detail} (sample ids unknown)"
+    for r, d in zip(at, lost, strict=True):
+        for k in (r - 1, r + 1):
+            if 0 <= k < nr and not damaged[k]:
+                damaged[k] = f"may continue into {d.detail}"
+    first_detail: dict[int, str] = {}
+    for j in np.flatnonzero(damaged != "").tolist():
+        first_detail.setdefault(int(id_index[j]), str(damaged[j]))
+    same_id = np.isin(id_index, np.fromiter(first_detail, np.int64)) & (damaged == "")
+    for j in np.flatnonzero(same_id).tolist():
+        damaged[j] = first_detail[int(id_index[j])]
+    return unknown, damaged
+
+
 # --------------------------------------------------------------------------------------------------
 # opening and validating
 
@@ -858,9 +1062,10 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     try:
         # pre_buffer=False: never read a whole row group ahead. buffer_size=0: each column chunk is read
         # in one piece (the budget is counted in chunk bytes); a buffered stream would add a copy of
-        # every page, and fastparquet's pages are whole chunks.
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=0)
-    except (pa.ArrowException, OSError) as err:
+        # every page, and fastparquet's pages are whole chunks. Page checksums, where the writer
+        # stored them, are verified: a damaged page then fails its row group instead of giving wrong values.
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=0, page_checksum_verification=True)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:  # found by fuzzing: non-UTF-8 names
         raise VorausFormatError(f"{path}: not a parquet file ({_one_line(err)})") from err
 
 
@@ -908,5 +1113,12 @@ def _check_layout(path: Path, pf: pq.ParquetFile) -> None:
         problems.append(f"{len(wrong) - _MAX_NAMES} more column(s) with a wrong dtype")
     if problems:
         raise VorausFormatError(f"{path}: not in the voraus-AD layout: {'; '.join(problems)}")
-    if pf.metadata.num_rows == 0:
+    md = pf.metadata
+    if md.num_rows == 0:
         raise VorausFormatError(f"{path}: the file has no rows (expected stacked cycles)")
+    in_groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    if md.num_rows < 0 or min(in_groups, default=0) < 0 or sum(in_groups) != md.num_rows:
+        raise VorausFormatError(
+            f"{path}: damaged footer: {md.num_rows} rows in all but {sum(in_groups)} "
+            f"in its {md.num_row_groups} row group(s)"
+        )

@@ -65,6 +65,23 @@ class VorausReplaySource:
         """Cycles rejected by reason (nan, too_short, ...)."""
         return dict(self.reader.rejections.counts)
 
+    def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Damaged row groups met so far and the file's measured sampling rate (its rejected cycles
+        are counted by reason in ``cellwatch_rejects_total``)."""
+        labels = {"source": self.name}
+        out = [
+            (
+                "cellwatch_replay_damaged_row_groups",
+                "gauge",
+                labels,
+                float(self.reader.damaged_row_group_count),
+            )
+        ]
+        measured = self.reader.measured_rate_hz  # measured once at start-up (build_sources), then cached
+        if measured is not None:
+            out.append(("cellwatch_replay_measured_rate_hz", "gauge", labels, measured))
+        return out
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
 
