@@ -167,3 +167,50 @@ class SecureMosquittoServer(MosquittoServer):
             self.config.read_text().replace("allow_anonymous true", "allow_anonymous false")
             + f"cafile {self.ca}\ncertfile {cert}\nkeyfile {key}\npassword_file {passwords}\n"
         )
+
+
+class Committed:
+    """A consumer group's committed offsets as the broker has them (what a restarted member resumes
+    from), and a topic's end offsets: asked of the broker, never read from a source's attributes.
+
+    A consumer that never subscribes does not join the group: it only asks (OffsetFetch)."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        self.topic = topic
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        )
+
+    async def __aenter__(self) -> Committed:
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    async def offset(self, partition: int) -> int | None:
+        from aiokafka import TopicPartition
+
+        value = await self.consumer.committed(TopicPartition(self.topic, partition))
+        return None if value is None else int(value)
+
+    async def end_offsets(self, partitions: int) -> dict[int, int]:
+        """Partition -> offset after its last message (the log end)."""
+        from aiokafka import TopicPartition
+
+        ends = await self.consumer.end_offsets([TopicPartition(self.topic, p) for p in range(partitions)])
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+
+    async def wait_for(self, expected: dict[int, int | None], seconds: float) -> dict[int, int | None]:
+        """Poll the broker until the committed offsets are `expected`, for at most `seconds`; returns
+        the last answer (for the caller to assert on)."""
+        import asyncio
+
+        deadline = asyncio.get_running_loop().time() + seconds
+        while True:
+            got = {p: await self.offset(p) for p in expected}
+            if got == expected or asyncio.get_running_loop().time() > deadline:
+                return got
+            await asyncio.sleep(0.1)

@@ -216,3 +216,23 @@ def test_save_fsyncs_files_and_directories_before_the_renames(
     assert events[3:5] == ["replace model -> .model.old", "replace .model.tmp -> model"]
     assert events[5:] == ["fsync dir", "fsync dir"]  # the parent, after the renames
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing left beside it
+
+
+def test_standardizer_gives_mean_0_std_1_and_maps_constant_signals_to_0() -> None:
+    """What the scaler promises on its own training data, cycles of different lengths pooled: each
+    varying signal comes out with mean 0 and std 1; a constant signal (even a large constant, where
+    float rounding leaves a tiny variance) gets std 1 and comes out 0, not inf or NaN."""
+    rng = np.random.default_rng(5)
+    cycles = []
+    for length in (40, 75, 13):
+        x = rng.normal(loc=[3.0, -200.0, 0.0, 0.0], scale=[0.5, 40.0, 1e-3, 1.0], size=(length, 4))
+        x[:, 3] = 1e6 + 0.1  # constant, far from zero
+        cycles.append(x.astype(np.float32))
+    scaler = Standardizer.fit(cycles)
+    z = np.concatenate([scaler.transform(x) for x in cycles]).astype(np.float64)
+    np.testing.assert_allclose(z[:, :3].mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z[:, :3].std(axis=0), 1.0, rtol=1e-5)
+    assert scaler.std[3] == 1.0
+    np.testing.assert_allclose(z[:, 3], 0.0, atol=1e-6)
+    # round trip through the card's dict form keeps it exactly
+    assert Standardizer.from_dict(json.loads(json.dumps(scaler.to_dict()))) == scaler

@@ -103,6 +103,32 @@ def test_per_category_accepts_zero_one_anomaly_flags() -> None:
     assert res.per_category == {"A": 1.0}
 
 
+# ---------------------------------------------------------------- roc_auc
+
+
+def test_roc_auc_equals_scipy_mann_whitney_with_ties() -> None:
+    """Independent reference: AUROC = U / (n_pos n_neg), ties counted half (scipy's Mann-Whitney U)."""
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        neg = rng.integers(0, 12, rng.integers(1, 80)).astype(float)  # small integers: many ties
+        pos = (rng.integers(0, 12, rng.integers(1, 80)) + rng.integers(0, 4)).astype(float)
+        u = mannwhitneyu(pos, neg, alternative="two-sided").statistic
+        assert roc_auc(neg, pos) == pytest.approx(u / (len(pos) * len(neg)), abs=1e-12)
+
+
+def test_roc_auc_of_an_obvious_anomaly_a_constant_and_a_random_scorer() -> None:
+    rng = np.random.default_rng(3)
+    normal = rng.normal(size=2000)
+    anomalous = rng.normal(loc=4.0, size=300)  # four standard deviations off: a detector sees it
+    assert roc_auc(normal, anomalous) > 0.99
+    assert roc_auc(anomalous, normal) < 0.01  # the score the wrong way round
+    assert roc_auc(np.zeros(50), np.zeros(7)) == 0.5  # a constant score tells nothing
+    random = rng.random(20000)  # a scorer that ignores the data
+    assert roc_auc(random[:10000], random[10000:]) == pytest.approx(0.5, abs=0.02)
+
+
 # ---------------------------------------------------------------- roc_curve
 
 

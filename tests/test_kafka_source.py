@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import TansuServer
+from brokers import Committed, TansuServer
 from services import poll
 
 from ingest.kafka import KafkaSource
@@ -59,43 +59,6 @@ async def produce(bootstrap: str, topic: str, items: list[tuple[int, bytes, byte
             await producer.send_and_wait(topic, value, key=key, partition=partition)
     finally:
         await producer.stop()
-
-
-class Committed:
-    """The group's committed offsets as the broker has them (what a restarted member resumes from).
-
-    A consumer that never subscribes does not join the group: it only asks (OffsetFetch)."""
-
-    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
-        from aiokafka import AIOKafkaConsumer
-
-        self.topic = topic
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
-        )
-
-    async def __aenter__(self) -> Committed:
-        await self.consumer.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.consumer.stop()
-
-    async def offset(self, partition: int) -> int | None:
-        from aiokafka import TopicPartition
-
-        value = await self.consumer.committed(TopicPartition(self.topic, partition))
-        return None if value is None else int(value)
-
-    async def wait_for(self, expected: dict[int, int | None], seconds: float) -> dict[int, int | None]:
-        """Poll the broker until the committed offsets are `expected`, for at most `seconds`; returns
-        the last answer (for the caller to assert on)."""
-        deadline = asyncio.get_running_loop().time() + seconds
-        while True:
-            got = {p: await self.offset(p) for p in expected}
-            if got == expected or asyncio.get_running_loop().time() > deadline:
-                return got
-            await asyncio.sleep(0.1)
 
 
 def sample(source: KafkaSource, name: str) -> float:
