@@ -77,7 +77,11 @@ def test_report_is_one_self_contained_file_with_valid_pngs(report: str) -> None:
         assert 300 < height < 2000
         pixels = matplotlib.image.imread(io.BytesIO(data), format="png")
         assert pixels.shape[:2] == (height, width)
-        assert pixels.std() > 0  # something is drawn
+        # data is drawn, not only axes, text and a legend: curves, bars and bands are in colour (axes
+        # and text are grey), and they cover more than a legend's few swatches would
+        rgb = pixels[..., :3]
+        coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2
+        assert coloured.mean() > 0.01, f"{coloured.mean():.2%} of the pixels in colour"  # ROC: 1.7%
     # nothing outside the file: no scripts, stylesheets or remote images
     assert "<script" not in report
     assert "<link" not in report
