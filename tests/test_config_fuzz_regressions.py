@@ -19,6 +19,10 @@ BASE = "sources:\n  - type: voraus_replay\n    robot: r1\n    path: cell.parquet
         ("alerts:\n  k: !!float x\n", "not valid YAML: ValueError"),
         ("alerts:\n  k: !!int x\n", "not valid YAML: ValueError"),
         ("alerts:\n  k: !!timestamp x\n", "not valid YAML: AttributeError"),
+        ("alerts:\n  k: !!int ''\n", "not valid YAML: IndexError"),  # 13 of 1,000,000 inputs
+        ("alerts:\n  k: !!float ''\n", "not valid YAML: IndexError"),
+        ("alerts:\n  k: !!int '-'\n", "not valid YAML: IndexError"),
+        ("alerts:\n  k: !!bool x\n", "not valid YAML: KeyError"),
         ("alerts: " + "[" * 5000 + "]" * 5000 + "\n", "not valid YAML: RecursionError"),
     ],
 )
