@@ -493,6 +493,9 @@ class InfluxSink:
     async def _ack(self, record: Any) -> None:
         await asyncio.to_thread(self.spool.ack, record)
         self._room.set()
+        if self._backlog and await asyncio.to_thread(lambda: self.spool.pending_bytes == 0):
+            self._backlog = False  # said as it happens: a close right after must not swallow it
+            log.info("spool drained")
 
     def _failed(self, loop: asyncio.AbstractEventLoop, err: Exception, *, auth: bool) -> None:
         self.stats.retries += 1
