@@ -355,9 +355,10 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as err:
+    except (ValueError, TypeError, AttributeError, LookupError, OverflowError, RecursionError) as err:
         # found by fuzzing: PyYAML's constructors raise these for malformed typed scalars
-        # (`2026-13-45`, `!!float x`, `!!timestamp x`) and its composer recurses on deep nesting
+        # (`2026-13-45`, `!!float x`, `!!timestamp x`, `!!int ""`, `!!bool x`) and its composer
+        # recurses on deep nesting
         detail = " ".join(str(err).split())[:200]
         raise ConfigError(f"{path}: not valid YAML: {type(err).__name__}: {detail}") from None
     config = parse_config(data, origin=str(path))
