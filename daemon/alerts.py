@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 State = Literal["firing", "resolved"]
@@ -62,6 +62,17 @@ class Alert:
     def state(self) -> State:
         return "firing" if self.end_ns is None else "resolved"
 
+    def snapshot(self) -> Alert:
+        """The alert as it is now, for an event's point: later windows of the same batch change the
+        live alert (peak, end), and the point of an earlier event must not show those."""
+        return replace(
+            self,
+            peak_window=None,
+            cycles=list(self.cycles),
+            top_signals=list(self.top_signals),
+            map_points=[],
+        )
+
     def add_cycle(self, cycle: int) -> None:
         if cycle in self.cycles[-8:]:
             return
@@ -74,10 +85,15 @@ class Alert:
 class AlertEvent:
     """One step of an alert's life: it fired, it was updated (still firing), or it resolved."""
 
-    alert: Alert
+    alert: Alert  # the live alert (the pipeline localizes its peak window)
     state: State
     time_ns: int  # when (data time): the firing window, the update's window, the end
     kind: Literal["opened", "updated", "resolved"]
+    view: Alert = field(default=None, repr=False)  # type: ignore[assignment]  # the alert at this event
+
+    def __post_init__(self) -> None:
+        if self.view is None:
+            object.__setattr__(self, "view", self.alert.snapshot())
 
 
 class AlertTracker:

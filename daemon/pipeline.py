@@ -560,7 +560,11 @@ class Pipeline:
                 alert.peak_window = None  # do not keep the raw data around
                 maps += alert.map_points
                 alert.map_points = []
-            out.append(alert_point(alert, model.name, event.time_ns))
+            view = event.view  # the alert as it was at this event; the localization as it is now
+            if view.peak_time_ns == alert.localized_peak_ns:
+                view.event_time_ns, view.event_in_window_s = alert.event_time_ns, alert.event_in_window_s
+                view.top_signals = alert.top_signals
+            out.append(alert_point(view, model.name, event.time_ns))
         return out + maps
 
     def _localize(self, model: ModelState, part: list[tuple[Alert, Window]]) -> None:

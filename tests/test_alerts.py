@@ -94,3 +94,14 @@ def test_alert_ids_are_stable_and_distinct() -> None:
     ids = {e.alert.id for i, f in enumerate("1101") for e in tracker.update(i * S, 2.0, f == "1", cycle=i)}
     assert len(ids) == 2
     assert alert_id("r", 1) != alert_id("s", 1)
+
+
+def test_each_event_shows_the_alert_as_it_was_then() -> None:
+    """Opened and resolved in one batch: the opening event still says firing, with the peak it had."""
+    tracker = AlertTracker("r")
+    (opened,) = tracker.update(0, 2.0, True, cycle=1)
+    tracker.update(1 * S, 5.0, True, cycle=2)
+    (resolved,) = tracker.update(2 * S, 0.1, False, cycle=3)
+    assert opened.alert is resolved.alert  # one live alert ...
+    assert (opened.view.state, opened.view.peak_score, opened.view.end_ns) == ("firing", 2.0, None)
+    assert (resolved.view.state, resolved.view.peak_score, resolved.view.end_ns) == ("resolved", 5.0, 2 * S)

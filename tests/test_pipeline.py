@@ -88,6 +88,13 @@ def test_replay_lands_one_score_per_cycle_in_influxdb(
         assert start - 14e9 <= event_ns <= end_ns
 
     lines = [json.loads(x) for x in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    # the file has every event of each alert's life: it fired first, and resolved last
+    events: dict[str, list[str]] = {}
+    for line in lines:
+        if line["measurement"] == "alert":
+            events.setdefault(line["alert_id"], []).append(line["state"])
+    assert len(events) == len(alerts)
+    assert all(states[0] == "firing" and states[-1] == "resolved" for states in events.values()), events
     assert [x["cycle"] for x in lines if x["measurement"] == "anomaly_score"] == [
         r[4] for r in rows
     ]  # the local file holds the same series
