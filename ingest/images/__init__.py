@@ -1,0 +1,23 @@
+"""Image data sets on disk (the MVTec AD layout): reading, validation and resizing."""
+
+from ingest.images.mvtec import (
+    ImageItem,
+    ImageRejected,
+    MvtecDataset,
+    MvtecLayoutError,
+    read_image,
+    read_mask,
+    resize_image,
+    resize_mask,
+)
+
+__all__ = [
+    "ImageItem",
+    "ImageRejected",
+    "MvtecDataset",
+    "MvtecLayoutError",
+    "read_image",
+    "read_mask",
+    "resize_image",
+    "resize_mask",
+]
