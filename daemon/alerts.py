@@ -89,11 +89,12 @@ class AlertEvent:
     state: State
     time_ns: int  # when (data time): the firing window, the update's window, the end
     kind: Literal["opened", "updated", "resolved"]
-    view: Alert = field(default=None, repr=False)  # type: ignore[assignment]  # the alert at this event
+    view: Alert = field(repr=False)  # the alert as it was at this event
 
-    def __post_init__(self) -> None:
-        if self.view is None:
-            object.__setattr__(self, "view", self.alert.snapshot())
+    @classmethod
+    def of(cls, alert: Alert, kind: Literal["opened", "updated", "resolved"], time_ns: int) -> AlertEvent:
+        state: State = "resolved" if kind == "resolved" else "firing"
+        return cls(alert, state, time_ns, kind, alert.snapshot())
 
 
 class AlertTracker:
@@ -172,7 +173,7 @@ class AlertTracker:
             )
             alert.add_cycle(cycle)
             self._last_event_ns = time_ns
-            return [AlertEvent(alert, "firing", time_ns, "opened")]
+            return [AlertEvent.of(alert, "opened", time_ns)]
         return []
 
     def _maybe_update(self, time_ns: int) -> list[AlertEvent]:
@@ -183,7 +184,7 @@ class AlertTracker:
         if time_ns - self._last_event_ns < self.update_interval_ns:
             return []
         self._last_event_ns = time_ns
-        return [AlertEvent(alert, "firing", time_ns, "updated")]
+        return [AlertEvent.of(alert, "updated", time_ns)]
 
     def _resolve(self, time_ns: int) -> AlertEvent:
         alert = self.open
@@ -191,7 +192,7 @@ class AlertTracker:
         alert.end_ns = time_ns
         self.last_end = time_ns
         self.open = None
-        return AlertEvent(alert, "resolved", time_ns, "resolved")
+        return AlertEvent.of(alert, "resolved", time_ns)
 
     def finish(self, time_ns: int) -> list[AlertEvent]:
         """Resolve an alert still open when the stream ends (shutdown, end of a replay, an idle robot)."""

@@ -61,6 +61,7 @@ class PipelineStats:
     windows_scored: int = 0
     anomalies: int = 0
     capped: int = 0  # windows whose score was not finite (stored as the cap, flagged anomalous)
+    inputs_clipped: int = 0  # standardized input values of scored windows clipped to ±CLIP_SIGMA
     batches: int = 0
     inference_seconds: float = 0.0
     alerts: int = 0  # alerts opened
@@ -255,7 +256,6 @@ class Pipeline:
         self._last_label: dict[str, int] = {}  # window mode: the cycle label of a robot's last window
         self.stream_rejections: dict[str, Rejections] = {}  # source name -> reason -> count
         self.last_time: dict[str, int] = {}
-        self._clipped_retired = 0
 
     # -- the model, swapped whole ------------------------------------------------------------------
     @property
@@ -265,12 +265,6 @@ class Pipeline:
     @property
     def model_name(self) -> str:
         return self.model.name
-
-    @property
-    def clipped_inputs(self) -> int:
-        """Standardized input values clipped to ±CLIP_SIGMA, over every model this pipeline ran."""
-        scorers = {id(m.scorer): m.scorer for m in self._models.values()}
-        return self._clipped_retired + sum(s.clipped for s in scorers.values())
 
     def swap_model(self, scorer: Scorer, model_name: str) -> None:
         """Score with another model from the next window cut on (SIGHUP). Call on the event loop.
@@ -282,15 +276,15 @@ class Pipeline:
         self.model = ModelState(scorer, model_name, old.generation + 1)
         self._models[self.model.generation] = self.model
         self._drop_idle_generations()
-        spec = self.model.windowing()
-        if spec != old.windowing():
+        spec, before = self.model.windowing(), old.windowing()
+        if spec != before:
             for robot, windower in self.windowers.items():
                 if windower.reconfigure(**spec):
                     log.warning(
                         "%s: the new model cuts windows differently (%s); rows held for the unfinished "
                         "cycle or window are not scored",
                         robot,
-                        ", ".join(f"{k}={v}" for k, v in spec.items() if old.windowing()[k] != v),
+                        ", ".join(f"{k}={v}" for k, v in spec.items() if before[k] != v),
                     )
         self.stats.reloads += 1
 
@@ -298,9 +292,7 @@ class Pipeline:
         """Forget the models of earlier generations once no queued window needs them."""
         for generation in list(self._models):
             if generation != self.model.generation and not self._queued[generation]:
-                scorer = self._models.pop(generation).scorer
-                if all(m.scorer is not scorer for m in self._models.values()):
-                    self._clipped_retired += scorer.clipped
+                del self._models[generation]
                 self._queued.pop(generation, None)
 
     # -- per robot ---------------------------------------------------------------------------------
@@ -430,7 +422,10 @@ class Pipeline:
             return [], [], True
         batch: list[Window] = []
         retired: list[_Retire] = []
-        (retired if isinstance(first, _Retire) else batch).append(first)  # type: ignore[arg-type]
+        if isinstance(first, _Retire):
+            retired.append(first)
+        else:
+            batch.append(first)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         while len(batch) < self.batch and not retired:
@@ -454,7 +449,9 @@ class Pipeline:
     def _score(self, model: ModelState, windows: list[Window]) -> list[Scored]:
         started = time.perf_counter()
         scorer = model.scorer  # one model for the whole batch: scaler and weights together
+        clipped = scorer.clipped  # counted here: localizing an alert prepares its window again
         prepared = np.stack([scorer.prepare_cycle(w.signals) for w in windows])
+        self.stats.inputs_clipped += scorer.clipped - clipped
         scores = scorer.score(prepared)
         self.stats.inference_seconds += time.perf_counter() - started
         return [

@@ -73,10 +73,7 @@ class StreamWindower:
         hop: int | None = None,
         max_cycle_rows: int = 200_000,
     ) -> None:
-        if mode not in ("cycle", "window"):
-            raise ValueError(f"mode must be 'cycle' or 'window', got {mode!r}")
-        if mode == "window" and (not window or not hop):
-            raise ValueError("window mode needs window and hop")
+        _check_spec(mode, window, hop)
         self.robot = robot
         self.mode = mode
         self.period_ns = period_ns  # raw stream period (model period / divider)
@@ -86,13 +83,16 @@ class StreamWindower:
         self.max_cycle_rows = max_cycle_rows
         self.held: deque[_Held] = deque()  # accepted messages not yet released, in stream order
         self.last_ns: int | None = None  # timestamp of the newest accepted row
-        # cycle mode
+        self._carry: list[Ack] = []  # acks of duplicates, released with the next window
+        self._ready: list[Window] = []  # complete cycles not returned yet (their batch was rejected)
+        self._forget_rows()
+
+    def _forget_rows(self) -> None:
+        """No rows collected: no cycle open (cycle mode), no window history (window mode)."""
         self._cycle: int | None = None
         self._parts: list[np.ndarray] = []
         self._rows = 0
         self._skipping: int | None = None  # a cycle whose rows are dropped (start missing, too long)
-        self._carry: list[Ack] = []  # acks of duplicates, released with the next window
-        self._ready: list[Window] = []  # complete cycles not returned yet (their batch was rejected)
         # window mode: the last window-1 model-rate rows and the absolute index of the next one
         self._history: np.ndarray | None = None
         self._next_index: int | None = None
@@ -310,10 +310,7 @@ class StreamWindower:
         (its raw rows are downsampled by the new divider when it completes); otherwise the rows held
         cannot be cut the new way: they are let go, their acks ride with the next window (never lost
         in the acks' order), and True is returned so the caller can say so."""
-        if mode not in ("cycle", "window"):
-            raise ValueError(f"mode must be 'cycle' or 'window', got {mode!r}")
-        if mode == "window" and (not window or not hop):
-            raise ValueError("window mode needs window and hop")
+        _check_spec(mode, window, hop)
         keeps = mode == self.mode == "cycle" and period_ns == self.period_ns
         self.period_ns, self.divider, self.max_cycle_rows = period_ns, divider, max_cycle_rows
         self.window, self.hop = window or 0, hop or 0
@@ -323,8 +320,7 @@ class StreamWindower:
             return False
         discarded = bool(self._parts) or (self._history is not None and len(self._history) > 0)
         self._carry += self._release_all()
-        self._parts, self._rows, self._cycle, self._skipping = [], 0, None, None
-        self._history, self._next_index, self._window_cycle = None, None, None
+        self._forget_rows()
         return discarded or changed
 
     def expire(self) -> tuple[list[Window], list[Ack], int | None]:
@@ -333,8 +329,7 @@ class StreamWindower:
         unfinished = self._cycle if self.mode == "cycle" and self._parts else None
         ready, self._ready = self._ready, []
         acks = self._release_all() + self._carried()
-        self._parts, self._rows, self._cycle, self._skipping = [], 0, None, None
-        self._history, self._next_index, self._window_cycle = None, None, None
+        self._forget_rows()
         return ready, acks, unfinished
 
     def flush(self) -> list[Window]:
@@ -343,6 +338,13 @@ class StreamWindower:
         if self.mode == "cycle" and self._parts:
             out.append(self._emit_cycle())
         return out
+
+
+def _check_spec(mode: str, window: int | None, hop: int | None) -> None:
+    if mode not in ("cycle", "window"):
+        raise ValueError(f"mode must be 'cycle' or 'window', got {mode!r}")
+    if mode == "window" and (not window or not hop):
+        raise ValueError("window mode needs window and hop")
 
 
 def _ack_now(ack: Ack | None) -> None:

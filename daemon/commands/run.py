@@ -238,7 +238,6 @@ def _mqtt(src: Any, card: Any) -> Any:
 
 
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a broker or database is unreachable at start-up; worth a restart
-RATE_TOLERANCE = 0.02  # a replayed file's rate may differ this much (relative) from the model's
 
 
 def robot_limits(config: Any) -> Any:
@@ -259,19 +258,17 @@ def prepare_reload(config: Any, config_path: Path | None, card: Any, sources: li
     from daemon.config import load_config
     from flows.artifact import load_model
     from flows.scorer import Scorer
+    from ingest.voraus.schema import rate_matches
 
     fresh_config = load_config(config_path) if config_path is not None else config
     fresh = load_model(fresh_config.model.path, expect_signals=card.signals)
     divider = int(fresh.card.training.get("rate_divider", 1))
-    for source in sources:  # replayed files keep their rate: the new model must fit it
-        rate = getattr(getattr(source, "reader", None), "rate_hz", None)
-        if (
-            rate is not None
-            and abs(rate / divider - fresh.card.rate_hz) > RATE_TOLERANCE * fresh.card.rate_hz
-        ):
+    for source in sources:  # replayed files keep their rate: the new model must fit it (as at start)
+        measured = getattr(getattr(source, "reader", None), "measured_rate_hz", None)
+        if measured is not None and not rate_matches(measured, fresh.card.rate_hz * divider):
             raise ValueError(
                 f"the new model scores {fresh.card.rate_hz:g} Hz, but {source.name} replays "
-                f"{rate:g} Hz / divider {divider}"
+                f"{measured:.4g} Hz / divider {divider}"
             )
     scorer = Scorer(fresh, device=fresh_config.scoring.device, bf16=fresh_config.scoring.bf16)
     return fresh_config, scorer
@@ -521,7 +518,7 @@ def collect_metrics(
         ("cellwatch_alert_updates_total", "counter", {}, stats.alert_updates),
         ("cellwatch_alerts_resolved_total", "counter", {}, stats.alerts_resolved),
         ("cellwatch_scores_capped_total", "counter", {}, stats.capped),
-        ("cellwatch_inputs_clipped_total", "counter", {}, pipeline.clipped_inputs),
+        ("cellwatch_inputs_clipped_total", "counter", {}, stats.inputs_clipped),
         ("cellwatch_robots", "gauge", {}, len(set(pipeline.windowers) | set(pipeline.trackers))),
         ("cellwatch_robots_retired_total", "counter", {}, stats.robots_retired),
         ("cellwatch_reloads_total", "counter", {}, stats.reloads),
