@@ -131,8 +131,13 @@ class LoadedModel:
 
 
 def save_model(directory: Path, flow: MVTFlow, card: ModelCard) -> None:
-    """Write the artifact atomically: a crash at any point leaves either the old model or the new one
-    under `directory`, never a half-written one that loads.
+    """Write an MVT-Flow artifact atomically (see `write_artifact`)."""
+    write_artifact(directory, flow.state_dict(), card.to_json(), kind=KIND)
+
+
+def write_artifact(directory: Path, state: dict[str, Any], meta: dict[str, Any], *, kind: str) -> None:
+    """Write ``weights.safetensors`` and ``model.json`` atomically: a crash at any point leaves either the
+    old model or the new one under `directory`, never a half-written one that loads.
 
     Both files are written into a temporary directory beside the target and fsynced, with the
     temporary directory itself; it is then renamed into place and the parent directory fsynced. An
@@ -144,9 +149,9 @@ def save_model(directory: Path, flow: MVTFlow, card: ModelCard) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in flow.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "kind": KIND})
-        (tmp / META).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "kind": kind})
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         for name in (WEIGHTS, META):
             _fsync_path(tmp / name)
         _fsync_path(tmp)
@@ -179,17 +184,16 @@ def load_model(
     expect_rate_hz: float | None = None,
 ) -> LoadedModel:
     """Load and check a model; with `expect_*` also check it fits the data it is about to score."""
-    directory = Path(directory)
-    meta_path, weights_path = directory / META, directory / WEIGHTS
-    for path in (meta_path, weights_path):
-        if not path.is_file():
-            raise ModelFormatError(f"{directory} is not a cellwatch model: {path.name} is missing")
-    if meta_path.stat().st_size > MAX_META_BYTES:
-        raise ModelFormatError(f"{meta_path} is larger than {MAX_META_BYTES} bytes")
-    try:
-        data = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelFormatError(f"{meta_path} is not valid JSON: {err}") from err
+    data = read_meta(directory)
+    if (
+        isinstance(data.get("kind"), str)
+        and data["kind"] != KIND
+        and data.get("format_version") == FORMAT_VERSION
+    ):
+        raise ModelFormatError(
+            f"{directory} is a {data['kind']!r} model, not a signal model ({KIND!r}): "
+            "use it on the kind of data it was trained on"
+        )
     card = ModelCard.from_json(data)
     if expect_signals is not None and tuple(expect_signals) != card.signals:
         expected = list(expect_signals)
@@ -209,8 +213,18 @@ def load_model(
             f"model trained at {card.rate_hz:g} Hz, data is {expect_rate_hz:g} Hz"
         )
     flow = MVTFlow(card.architecture)
-    state = load_file(str(weights_path))
-    own = flow.state_dict()
+    load_weights(flow, Path(directory) / WEIGHTS)
+    flow.eval()
+    return LoadedModel(card=card, flow=flow)
+
+
+def load_weights(module: Any, weights_path: Path) -> None:
+    """Load safetensors weights into `module`, checking every key and shape against it first."""
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise ModelFormatError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    own = module.state_dict()
     if set(state) != set(own):
         raise ModelFormatError(
             f"{weights_path.name} does not fit the architecture in model.json "
@@ -221,9 +235,33 @@ def load_model(
             raise ModelFormatError(
                 f"weight {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
             )
-    flow.load_state_dict(state)
-    flow.eval()
-    return LoadedModel(card=card, flow=flow)
+    module.load_state_dict(state)
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """model.json of a model directory, size-bounded and parsed (both files must exist)."""
+    directory = Path(directory)
+    meta_path, weights_path = directory / META, directory / WEIGHTS
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise ModelFormatError(f"{directory} is not a cellwatch model: {path.name} is missing")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise ModelFormatError(f"{meta_path} is larger than {MAX_META_BYTES} bytes")
+    try:
+        data = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFormatError(f"{meta_path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{meta_path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def model_kind(directory: Path) -> str:
+    """The ``kind`` of a model directory: "mvt-flow" (signals) or "ast" (images)."""
+    kind = read_meta(directory).get("kind")
+    if not isinstance(kind, str):
+        raise ModelFormatError(f"{Path(directory) / META} has no kind")
+    return kind
 
 
 def state_fingerprint(flow: MVTFlow) -> str:
@@ -244,6 +282,10 @@ __all__ = [
     "ModelFormatError",
     "Threshold",
     "load_model",
+    "load_weights",
+    "model_kind",
+    "read_meta",
     "save_model",
     "state_fingerprint",
+    "write_artifact",
 ]
