@@ -55,5 +55,8 @@ class FeatureNN:
         out = torch.empty(len(queries), device=features.device)
         for start in range(0, len(queries), chunk):
             q = queries[start : start + chunk]
-            out[start : start + chunk] = torch.cdist(q, bank).amin(1)
+            # cdist's matrix-product form finds the neighbour fast but loses digits in the distance:
+            # recompute the distance to the neighbour it found exactly
+            nearest = torch.cdist(q, bank).argmin(1)
+            out[start : start + chunk] = (q - bank[nearest]).norm(dim=1)
         return out.view(b, h, w)
