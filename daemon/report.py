@@ -44,6 +44,9 @@ class ReportHeader:
     target_fpr: float
     created: datetime
     details: Mapping[str, str] = field(default_factory=dict)  # further rows (mode, rate, signals, ...)
+    unit: str = "cycles"  # what was scored: "cycles" here, "images" in the image report
+    data_label: str = "data file"
+    classes: tuple[str, str] = ("normal", "anomalous")  # the image report says ("good", "defect")
 
 
 @dataclass(frozen=True)
@@ -219,8 +222,11 @@ def temporal_case(
 # ---------------------------------------------------------------- figures
 
 
-def png_data_uri(fig: Figure) -> str:
-    """Render a figure to a PNG data URI (Agg canvas) and release it."""
+def png_data_uri(fig: Figure, *, colors: int | None = 256) -> str:
+    """Render a figure to a PNG data URI (Agg canvas) and release it.
+
+    `colors`: palette size; None keeps full RGB, for figures with photographs and smooth colour maps,
+    which a palette turns into visible bands."""
     from PIL import Image  # a dependency of matplotlib
 
     canvas = FigureCanvasAgg(fig)
@@ -229,7 +235,8 @@ def png_data_uri(fig: Figure) -> str:
     fig.clear()
     # a 256-colour palette looks the same for line plots and makes the PNGs about 3x smaller
     buffer = io.BytesIO()
-    rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buffer, "PNG", optimize=True)
+    picture = rgb if colors is None else rgb.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    picture.save(buffer, "PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -241,9 +248,19 @@ def _colors(n: int) -> list[Any]:
 
 
 def roc_figure(
-    scores: ArrayLike, categories: Sequence[str], anomaly: ArrayLike, result: CategoryAUROC
+    scores: ArrayLike,
+    categories: Sequence[str],
+    anomaly: ArrayLike,
+    result: CategoryAUROC,
+    *,
+    unit: str = "cycles",
+    group: str = "category",
+    title: str = "ROC per anomaly category",
 ) -> Figure:
-    """ROC curve of each anomaly category against all normal cycles, AUROC in the legend."""
+    """ROC curve of each anomaly category against all normal cycles, AUROC in the legend.
+
+    `unit`, `group` and `title` name what is scored and grouped, so the image report (images per defect
+    type) draws the same figure with its own words."""
     s = np.asarray(scores, dtype=float)
     a = np.asarray(anomaly, dtype=bool)
     cats = np.asarray(categories, dtype=object)
@@ -267,13 +284,13 @@ def roc_figure(
     ax.set(
         xlim=(-0.01, 1.01),
         ylim=(-0.01, 1.01),
-        xlabel="false-positive rate (normal test cycles)",
-        ylabel="true-positive rate (cycles of the category)",
-        title=f"ROC per anomaly category (mean AUROC {100 * result.mean:.1f} %)",
+        xlabel=f"false-positive rate (normal test {unit})",
+        ylabel=f"true-positive rate ({unit} of the {group})",
+        title=f"{title} (mean AUROC {100 * result.mean:.1f} %)",
     )
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(title="category (AUROC %)", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    ax.legend(title=f"{group} (AUROC %)", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     return fig
 
 
@@ -283,9 +300,13 @@ def histogram_figure(
     anomaly: ArrayLike,
     threshold: float,
     order: Sequence[str] | None = None,
+    *,
+    unit: str = "cycles",
+    score_label: str = "anomaly score (NLL)",
 ) -> Figure:
     """Small multiples: normal test cycles against all anomalies, then against each category, with the
-    threshold as a vertical line. Scores beyond the 95th percentile are gathered in the last bin."""
+    threshold as a vertical line. Scores beyond the 95th percentile are gathered in the last bin.
+    `unit` and `score_label` say what was scored and how (the image report: images, AST map score)."""
     s = np.asarray(scores, dtype=float)
     a = np.asarray(anomaly, dtype=bool)
     cats = np.asarray(categories, dtype=object)
@@ -328,10 +349,10 @@ def histogram_figure(
         if k % cols == 0:
             ax.set_ylabel("density", fontsize=8)
         if k >= len(panels) - cols:  # the lowest panel of its column: label the shared x axis
-            ax.set_xlabel("anomaly score (NLL)", fontsize=8)
+            ax.set_xlabel(score_label, fontsize=8)
             ax.tick_params(labelbottom=True)
     note = f"; last bin holds scores > {_num(hi)}" if clipped else ""
-    fig.suptitle(f"Score distributions, normal vs anomalous test cycles (threshold {_num(threshold)}{note})")
+    fig.suptitle(f"Score distributions, normal vs anomalous test {unit} (threshold {_num(threshold)}{note})")
     return fig
 
 
@@ -406,10 +427,10 @@ def _figure(uri: str, alt: str, caption: str) -> str:
 def header_html(header: ReportHeader) -> str:
     rows = [
         ("model", header.model),
-        ("data file", header.data),
+        (header.data_label, header.data),
         (
-            "test cycles",
-            f"{header.cycles} ({header.normals} normal, {header.anomalies} anomalous)",
+            f"test {header.unit}",
+            f"{header.cycles} ({header.normals} {header.classes[0]}, {header.anomalies} {header.classes[1]})",
         ),
         ("threshold", f"{header.threshold:.6g} (target false-positive rate {header.target_fpr:g})"),
         *header.details.items(),

@@ -1,6 +1,7 @@
 """``cellwatch report``: one self-contained HTML file with ROC curves and AUROC per anomaly category,
 score histograms against the threshold, the daemon's alerts and the temporal analysis of the top
-cycles (see daemon.report)."""
+cycles (see daemon.report); for an image model on an image folder, the metrics per defect type and the
+anomaly maps of the top images instead (see daemon.image_report). The model's kind picks the report."""
 
 from __future__ import annotations
 
@@ -17,18 +18,38 @@ from daemon.cli_support import UsageError, console, progress
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "report",
-        help="HTML report: ROC and AUROC per category, score histograms, alerts, temporal analysis",
+        help="HTML report: AUROC per category or defect type, ROC, score histograms, alerts or anomaly maps",
         description=(
-            "Score the test split of a voraus-AD file and write one self-contained HTML file (figures "
-            "embedded): ROC curves and AUROC per anomaly category, score histograms with the threshold, "
-            "and the temporal analysis (localization and top signals) of the top cycles: the peak cycles "
-            "of the daemon's alerts with --alerts, otherwise the highest-scoring anomalous test cycles."
+            "Score the test split and write one self-contained HTML file (figures embedded). On a "
+            "voraus-AD file with a signal model (MVT-Flow): ROC curves and AUROC per anomaly category, score "
+            "histograms with the threshold, and the temporal analysis (localization and top signals) of the "
+            "top cycles: the peak cycles of the daemon's alerts with --alerts, otherwise the highest-scoring "
+            "anomalous test cycles. On an image folder (MVTec AD layout) with an image model (AST): image "
+            "AUROC, pixel AUROC and AU-PRO per defect type, ROC curves, score histograms, and the anomaly "
+            "maps of the highest-scoring defect images and good images (the nearest false alarms) next to "
+            "their ground-truth masks."
         ),
     )
-    p.add_argument("--data", required=True, type=Path, help="voraus-AD parquet file")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="voraus-AD parquet file or image folder (MVTec AD layout)",
+    )
     p.add_argument("--model", required=True, type=Path, help="model directory from cellwatch train")
     p.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write")
-    p.add_argument("--top", type=int, default=5, help="cycles in the temporal analysis (default 5)")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        help="cycles in the temporal analysis, or defect images whose anomaly maps are shown (default 5)",
+    )
+    p.add_argument(
+        "--top-good",
+        type=int,
+        default=2,
+        help="images only: highest-scoring good images whose maps are shown, to see false alarms (default 2)",
+    )
     p.add_argument(
         "--alerts", type=Path, help="JSON-lines file of the daemon's file sink (e.g. scores.jsonl)"
     )
@@ -56,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top must be >= 0, got {args.top}")
     if args.out.is_dir():
         raise UsageError(f"--out {args.out} is a directory; name the HTML file to write")
+    if _image_job(args):
+        from daemon.image_report import run_image_report
+
+        return run_image_report(args)
     alerts: list[AlertRecord] | None = None
     if args.alerts is not None:
         if not args.alerts.is_file():
@@ -165,3 +190,29 @@ def run(args: argparse.Namespace) -> int:
         f"mean AUROC {100 * result.mean:.1f} %"
     )
     return 0
+
+
+def _image_job(args: argparse.Namespace) -> bool:
+    """Whether this is an image report; the data and the model must be of one kind, else a UsageError
+    that says which is which (a signal model cannot score pictures, nor an image model a recording)."""
+    from daemon.image_jobs import is_image_data
+    from flows.artifact import ModelFormatError, model_kind
+
+    try:
+        kind = model_kind(args.model)
+    except ModelFormatError as err:
+        raise UsageError(str(err)) from err
+    images = is_image_data(args.data)
+    if kind == "ast" and not images:
+        what = "a file" if args.data.exists() else "missing"
+        raise UsageError(
+            f"{args.model} is an image model (AST) but --data {args.data} is {what}, not an image folder "
+            "(MVTec AD layout: train/good, test/good, test/<defect>); give an image model an image folder"
+        )
+    if kind != "ast" and images:
+        raise UsageError(
+            f"{args.model} is a signal model ({kind}) but --data {args.data} is an image folder; "
+            "report a signal model on its voraus-AD parquet file, or pass an image model (AST) from "
+            "cellwatch train --data <image folder>"
+        )
+    return kind == "ast"
