@@ -86,3 +86,54 @@ def score_dataset(
         pending.append(item)
     flush()
     return out
+
+
+def resolve_kind_flags(
+    args: Any,
+    *,
+    images: bool,
+    signal_only: dict[str, Any],
+    image_only: dict[str, Any],
+    shared: dict[str, tuple[Any, Any]] | None = None,
+    context: str,
+) -> None:
+    """Check and fill the flags whose meaning depends on the kind of data, in place on `args`.
+
+    The flags are registered with default None so that "given" can be told from "default": a flag of
+    the other kind that was given is a UsageError naming it (silently ignoring `--window` on an image
+    folder would leave the user believing it did something); the others get their kind's default.
+    `signal_only` / `image_only` map an option ("--rate-divider") to its default for its own kind,
+    `shared` maps an option to its (signal default, image default); `context` ends the error message
+    ("DIR is an image folder")."""
+
+    def dest(option: str) -> str:
+        return option.lstrip("-").replace("-", "_")
+
+    own, other = (image_only, signal_only) if images else (signal_only, image_only)
+    for option in other:
+        if getattr(args, dest(option)) is not None:
+            kind = "signal recordings" if images else "image data"
+            raise UsageError(f"{option} applies to {kind} only; {context}")
+    for option, default in own.items():
+        if getattr(args, dest(option)) is None:
+            setattr(args, dest(option), default)
+    for option, (signal_default, image_default) in (shared or {}).items():
+        if getattr(args, dest(option)) is None:
+            setattr(args, dest(option), image_default if images else signal_default)
+
+
+def data_kind_context(path: Path, images: bool) -> str:
+    """The end of a wrong-kind-flag message: what the data is."""
+    return (
+        f"{path} is an image folder (MVTec AD layout, AST)"
+        if images
+        else f"{path} is a signal recording (voraus-AD parquet file, MVT-Flow)"
+    )
+
+
+def count_files(folder: Path) -> int:
+    """Files a reader of `folder` will look at (hidden ones skipped, like MvtecDataset): a progress total."""
+    try:
+        return sum(1 for p in Path(folder).iterdir() if not p.name.startswith("."))
+    except OSError:
+        return 0

@@ -1,5 +1,8 @@
 """``cellwatch evaluate``: the paper's protocol — AUROC per anomaly category against all normal test
-cycles, and their mean — optionally next to the 1-NN and PCA baselines (Table 8.2 of the thesis)."""
+cycles, and their mean — optionally next to the 1-NN and PCA baselines (Table 8.2 of the thesis).
+
+On an MVTec-layout image folder the same verb runs the MVTec AD protocol on an AST model instead
+(daemon.image_evaluate); the data decides which, and a model of the other kind is a clear error."""
 
 from __future__ import annotations
 
@@ -17,16 +20,53 @@ from daemon.cli_support import UsageError, console, progress
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="AUROC per anomaly category on the test split (paper protocol), optionally with baselines",
+        help="AUROC per anomaly category or defect type on the test split, optionally with baselines",
+        description=(
+            "On a voraus-AD parquet file: AUROC per anomaly category of an MVT-Flow model (paper protocol), "
+            "with --baselines next to 1-NN and PCA. On an MVTec-layout image folder: image AUROC, pixel "
+            "AUROC and AU-PRO per defect type of an AST model, with --baselines next to the teacher's own "
+            "NLL and nearest-neighbour on the frozen features, and the calibrated threshold's false-positive "
+            "and detection rates on the test images."
+        ),
     )
-    p.add_argument("--data", required=True, type=Path, help="voraus-AD parquet file")
+    p.add_argument(
+        "--data", required=True, type=Path, help="voraus-AD parquet file, or MVTec-layout image directory"
+    )
     p.add_argument("--model", required=True, type=Path, help="model directory from cellwatch train")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--baselines", action="store_true", help="add 1-NN (l1) and PCA (90 components)")
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="add baselines: 1-NN (l1) and PCA (90 components) on signals, teacher NLL and feature NN "
+        "on images",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for scoring")
-    p.add_argument("--scores", type=Path, help="also write per-cycle scores to this CSV file")
+    p.add_argument(
+        "--bf16", action="store_true", default=None, help="bf16 autocast for scoring (signals only)"
+    )
+    p.add_argument("--scores", type=Path, help="also write per-cycle or per-image scores to this CSV file")
     p.set_defaults(func=run)
+
+
+def check_model_kind(data: Path, model: Path, images: bool) -> None:
+    """A model of the other kind than the data is a UsageError saying which kind each is."""
+    from flows.artifact import ModelFormatError, model_kind
+
+    try:
+        kind = model_kind(model)
+    except ModelFormatError as err:
+        raise UsageError(str(err)) from err
+    wanted = "ast" if images else "mvt-flow"
+    if kind != wanted:
+        data_kind = (
+            "an image folder (needs an AST image model)"
+            if images
+            else ("a signal recording (needs an MVT-Flow signal model)")
+        )
+        model_desc = {"ast": "an AST image model", "mvt-flow": "an MVT-Flow signal model"}.get(
+            kind, f"a {kind!r} model"
+        )
+        raise UsageError(f"{data} is {data_kind}, but {model} is {model_desc}")
 
 
 def cycle_scores(scorer: Any, cycles: list[np.ndarray]) -> np.ndarray:
@@ -43,6 +83,26 @@ def cycle_scores(scorer: Any, cycles: list[np.ndarray]) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    from daemon.image_jobs import data_kind_context, is_image_data, resolve_kind_flags
+
+    images = is_image_data(args.data)
+    resolve_kind_flags(
+        args,
+        images=images,
+        signal_only={"--bf16": False},
+        image_only={},
+        context=data_kind_context(args.data, images),
+    )
+    check_model_kind(args.data, args.model, images)
+    if images:
+        from daemon.image_evaluate import evaluate_images_command
+
+        return evaluate_images_command(args)
+    return evaluate_signals(args)
+
+
+def evaluate_signals(args: argparse.Namespace) -> int:
+    """The paper's protocol on a voraus-AD file with an MVT-Flow model."""
     from daemon.dataset import load_cycles
     from flows.artifact import ModelFormatError, load_model
     from flows.metrics import per_category_auroc

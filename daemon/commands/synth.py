@@ -1,4 +1,5 @@
-"""``cellwatch synth``: simulate a pick-and-place cell recording in the voraus-AD layout."""
+"""``cellwatch synth``: simulate a pick-and-place cell recording in the voraus-AD layout, or (--images) write
+an image data set in the MVTec AD layout from a real photographed texture with painted defects."""
 
 from __future__ import annotations
 
@@ -10,34 +11,123 @@ from typing import Any
 
 from daemon.cli_support import UsageError, console, progress
 
+#: flags of the recording only -> their default there (registered with default None: see run)
+SIGNAL_ONLY: dict[str, Any] = {
+    "--cycles": None,
+    "--scale": None,
+    "--rate": 100,
+    "--categories": None,
+    "--workers": None,
+}
+#: flags of --images only -> their default there
+IMAGE_ONLY: dict[str, Any] = {
+    "--category": "brick",
+    "--size": 256,
+    "--train": 60,
+    "--test-good": 20,
+    "--per-defect": 10,
+    "--defects": None,  # all
+}
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "synth",
-        help="simulate a cell recording (voraus-AD layout, all 12 anomaly categories)",
+        help="simulate a cell recording (voraus-AD layout, all 12 anomaly categories), or an image data set",
         description=(
             "Simulate a 6-axis pick-and-place cell with rigid-body dynamics (pinocchio) and write it "
             "as a voraus-AD parquet file. By default the paper's size: 948 training normals, "
-            "419 test normals, 755 anomalies."
+            "419 test normals, 755 anomalies. With --images, write an MVTec-AD-layout folder instead: crops "
+            "of a real texture photograph (shipped with scikit-image) as normal images, and test images with "
+            "painted defects and their masks."
         ),
     )
-    p.add_argument("--out", required=True, type=Path, help="parquet file to write")
-    size = p.add_mutually_exclusive_group()
+    p.add_argument(
+        "--out", required=True, type=Path, help="parquet file to write (--images: a new directory)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data")
+    p.add_argument("--images", action="store_true", help="write an image data set (MVTec AD layout)")
+    signals = p.add_argument_group("recording (default)")
+    size = signals.add_mutually_exclusive_group()
     size.add_argument("--cycles", type=int, help="total number of cycles (paper proportions kept)")
     size.add_argument("--scale", type=float, help="fraction of the paper's counts, e.g. 0.05")
-    p.add_argument("--rate", type=int, choices=(100, 500), default=100, help="sampling rate in Hz")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same file")
-    p.add_argument(
+    signals.add_argument("--rate", type=int, choices=(100, 500), help="sampling rate in Hz (default 100)")
+    signals.add_argument(
         "--categories",
         nargs="+",
         metavar="CAT",
         help="anomaly categories to include (names such as AXIS_FRICTION or numbers 0-11); default all",
     )
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    signals.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    images = p.add_argument_group("images (--images)")
+    images.add_argument("--category", help="texture: brick, grass or gravel (default brick)")
+    images.add_argument("--size", type=int, help="image size in pixels, square (default 256)")
+    images.add_argument("--train", type=int, help="normal training images in train/good (default 60)")
+    images.add_argument("--test-good", type=int, help="normal test images in test/good (default 20)")
+    images.add_argument("--per-defect", type=int, help="test images per defect type (default 10)")
+    images.add_argument(  # names checked by the generator: importing it here would slow every command
+        "--defects",
+        nargs="+",
+        metavar="DEFECT",
+        help="defect types (default all: scratch, hole, stain, missing, color_shift)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from daemon.image_jobs import resolve_kind_flags
+
+    resolve_kind_flags(
+        args,
+        images=args.images,
+        signal_only=SIGNAL_ONLY,
+        image_only=IMAGE_ONLY,
+        context="not with --images" if args.images else "add --images to write an image data set",
+    )
+    return synth_images(args) if args.images else synth_recording(args)
+
+
+def synth_images(args: argparse.Namespace) -> int:
+    """An MVTec-layout folder; refuses a non-empty one (old files would silently join the new set)."""
+    from ingest.sim.images import DEFECTS, write_image_dataset
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty directory; choose a new one for --images")
+    for flag, value in (
+        ("--train", args.train),
+        ("--test-good", args.test_good),
+        ("--per-defect", args.per_defect),
+    ):
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    if args.size < 32:
+        raise UsageError(f"--size must be at least 32, got {args.size}")
+    defects = tuple(args.defects) if args.defects else DEFECTS
+    started = time.perf_counter()
+    with console.status(f"writing {args.category} images at {args.size} px to {out}"):
+        try:
+            counts = write_image_dataset(
+                out,
+                seed=args.seed,
+                n_train=args.train,
+                n_test_good=args.test_good,
+                n_per_defect=args.per_defect,
+                size=args.size,
+                category=args.category,
+                defects=defects,
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+    console.print(
+        f"wrote [bold]{out}[/]: {sum(counts.values())} {args.category} images at {args.size} px "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    console.print(", ".join(f"{folder} {n}" for folder, n in counts.items()))
+    return 0
+
+
+def synth_recording(args: argparse.Namespace) -> int:
     from ingest.sim.dataset import write_recording
     from ingest.sim.scenarios import parse_categories, plan_recording
 

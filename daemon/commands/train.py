@@ -1,4 +1,5 @@
-"""``cellwatch train``: fit MVT-Flow on the normal training cycles of a voraus-AD file."""
+"""``cellwatch train``: fit MVT-Flow on the normal cycles of a voraus-AD file, or AST on the normal images
+of an MVTec-layout folder (daemon.image_train); the data decides which."""
 
 from __future__ import annotations
 
@@ -12,41 +13,108 @@ import numpy as np
 from daemon.cli_support import UsageError, console, progress
 from ingest.voraus.schema import SIGNAL_GROUPS
 
+#: flags of the signal path only -> their default there (registered with default None: see run)
+SIGNAL_ONLY: dict[str, Any] = {
+    "--signals": "machine",
+    "--rate-divider": 1,
+    "--mode": "cycle",
+    "--window": 256,
+    "--hop": 64,
+    "--milestones": [11, 61],
+    "--hidden-scale": 2,
+    "--bf16": False,
+}
+#: flags of the image path only -> their default there
+IMAGE_ONLY: dict[str, Any] = {
+    "--size": 256,
+    "--block": 10,
+    "--teacher-hidden": 256,
+    "--student-width": 256,
+    "--student-blocks": 4,
+    "--score": "mean",
+    "--sigma": 4.0,
+    "--student-epochs": None,  # = --epochs
+}
+#: flags of both whose default depends on the kind -> (signals, images)
+SHARED: dict[str, tuple[Any, Any]] = {
+    "--epochs": (70, 60),
+    "--batch-size": (32, 8),
+    "--lr": (8e-4, 2e-4),
+    "--calibration-fraction": (0.1, 0.2),
+}
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train an MVT-Flow model on the normal training cycles (PRE_A) of a voraus-AD file",
+        help="train on normal data: MVT-Flow on a voraus-AD file, AST on an MVTec-layout image folder",
         description=(
-            "Train MVT-Flow with the paper's configuration by default (4 coupling blocks, kernels 13/1/1, "
-            "Adam 8e-4, x0.1 at epochs 11 and 61, 70 epochs, batch 32). The scaler is fitted on training "
-            "cycles only; a held-out part of the training cycles calibrates the alert threshold."
+            "The data decides the model. A voraus-AD parquet file trains MVT-Flow with the paper's "
+            "configuration by default (4 coupling blocks, kernels 13/1/1, Adam 8e-4, x0.1 at epochs 11 and "
+            "61, 70 epochs, batch 32) on the normal training cycles (PRE_A); the scaler is fitted on "
+            "training cycles only. A directory in the MVTec AD layout trains AST (frozen EfficientNet-Lite0 "
+            "features, a normalizing-flow teacher, then a student) on DIR/train/good. Either way a held-out "
+            "part of the normal training data, never trained on, calibrates the alert threshold. The flags "
+            "under signals or images apply to that kind only; giving one for the other kind is an error."
         ),
     )
-    p.add_argument("--data", required=True, type=Path, help="voraus-AD parquet file")
-    p.add_argument("--out", required=True, type=Path, help="model directory to write")
-    p.add_argument("--signals", default="machine", choices=list(SIGNAL_GROUPS), help="signal group")
-    p.add_argument("--rate-divider", type=int, default=1, help="keep every N-th time step (1 = as recorded)")
     p.add_argument(
-        "--mode", choices=("cycle", "window"), default="cycle", help="score whole cycles or windows"
+        "--data", required=True, type=Path, help="voraus-AD parquet file, or MVTec-layout image directory"
     )
-    p.add_argument("--window", type=int, default=256, help="window length in time steps (window mode)")
-    p.add_argument("--hop", type=int, default=64, help="window hop in time steps (window mode)")
-    p.add_argument("--epochs", type=int, default=70)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=8e-4, help="learning rate")
-    p.add_argument("--milestones", type=int, nargs="*", default=[11, 61], help="epochs where lr is x0.1")
-    p.add_argument("--blocks", type=int, default=4, help="coupling blocks")
-    p.add_argument("--hidden-scale", type=int, default=2, help="hidden channels = signals x this")
-    p.add_argument("--seed", type=int, default=177)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and calibration")
-    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the threshold")
-    p.add_argument(
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    signals = p.add_argument_group("signals (voraus-AD parquet file, MVT-Flow)")
+    signals.add_argument("--signals", choices=list(SIGNAL_GROUPS), help="signal group (default machine)")
+    signals.add_argument(
+        "--rate-divider", type=int, help="keep every N-th time step (default 1 = as recorded)"
+    )
+    signals.add_argument(
+        "--mode", choices=("cycle", "window"), help="score whole cycles or windows (default cycle)"
+    )
+    signals.add_argument("--window", type=int, help="window length in time steps (window mode, default 256)")
+    signals.add_argument("--hop", type=int, help="window hop in time steps (window mode, default 64)")
+    signals.add_argument("--milestones", type=int, nargs="*", help="epochs where lr is x0.1 (default 11 61)")
+    signals.add_argument("--hidden-scale", type=int, help="hidden channels = signals x this (default 2)")
+    signals.add_argument(
+        "--bf16", action="store_true", default=None, help="bf16 autocast for training and calibration"
+    )
+    images = p.add_argument_group("images (MVTec-layout directory, AST)")
+    images.add_argument(
+        "--size", type=int, help="input size in pixels, images are resized to it (default 256)"
+    )
+    images.add_argument(
+        "--block", type=int, help="EfficientNet-Lite0 block whose output is the feature map (default 10)"
+    )
+    images.add_argument(
+        "--teacher-hidden", type=int, help="hidden channels of the teacher's subnets (default 256)"
+    )
+    images.add_argument("--student-width", type=int, help="channels of the student's layers (default 256)")
+    images.add_argument("--student-blocks", type=int, help="residual blocks of the student (default 4)")
+    images.add_argument(
+        "--score", choices=("mean", "max"), help="image score = mean or max of the anomaly map (default mean)"
+    )
+    images.add_argument(
+        "--sigma", type=float, help="Gaussian smoothing of the map in input pixels (default 4; 0 = none)"
+    )
+    images.add_argument(
+        "--student-epochs", type=int, help="epochs of the student (default: the same as --epochs)"
+    )
+    both = p.add_argument_group("both")
+    both.add_argument(
+        "--epochs", type=int, help="epochs (signals: 70; images: 60 for the teacher and for the student)"
+    )
+    both.add_argument("--batch-size", type=int, help="batch size (signals: 32; images: 8)")
+    both.add_argument("--lr", type=float, help="learning rate (signals: 8e-4; images: 2e-4)")
+    both.add_argument(
+        "--blocks", type=int, default=4, help="coupling blocks of the flow (MVT-Flow, or AST's teacher)"
+    )
+    both.add_argument("--seed", type=int, default=177, help="random seed (default 177)")
+    both.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    both.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the threshold")
+    both.add_argument(
         "--calibration-fraction",
         type=float,
-        default=0.1,
-        help="fraction of training cycles held out (never trained on) to calibrate the threshold",
+        help="fraction of the normal training data held out (never trained on) to calibrate the threshold "
+        "(signals: 0.1 of the cycles; images: 0.2 of train/good, at least 2 images)",
     )
     p.set_defaults(func=run)
 
@@ -69,6 +137,26 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from daemon.image_jobs import data_kind_context, is_image_data, resolve_kind_flags
+
+    images = is_image_data(args.data)
+    resolve_kind_flags(
+        args,
+        images=images,
+        signal_only=SIGNAL_ONLY,
+        image_only=IMAGE_ONLY,
+        shared=SHARED,
+        context=data_kind_context(args.data, images),
+    )
+    if images:
+        from daemon.image_train import train_images
+
+        return train_images(args)
+    return train_signals(args)
+
+
+def train_signals(args: argparse.Namespace) -> int:
+    """MVT-Flow on the PRE_A cycles of a voraus-AD file (flags already resolved for signals)."""
     import torch
 
     from daemon.dataset import load_cycles, resolve_signals
