@@ -112,7 +112,7 @@ def pick_cases(
 
 def map_figure(case: MapCase, scale: MapScale) -> Figure:
     """(a) the image, (b) its anomaly map over it, the mask's outline in white, (c) the ground truth."""
-    fig = Figure(figsize=(9.6, 3.5), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(8.6, 3.1), dpi=DPI, layout="constrained")
     ax_img, ax_map, ax_mask = fig.subplots(1, 3)
     ax_img.imshow(case.image, interpolation="nearest")
     ax_img.set_title("(a) image", fontsize=9, loc="left")

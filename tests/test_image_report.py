@@ -183,3 +183,24 @@ def test_signal_model_with_image_folder_is_refused_saying_which_is_which(
     assert "not an image folder" in err
     assert str(cell) in err
     assert not out.exists()
+
+
+def test_demo_image_half_trains_evaluates_and_reports_with_maps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cellwatch demo --only images`, shrunk: the CLI verbs on a generated image set end in a report
+    with anomaly maps, and the signal half is left out."""
+    work = tmp_path / "demo"
+    argv = ["demo", "--dir", str(work), "--only", "images", "--image-size", "64", "--image-epochs", "2"]
+    assert main([*argv, "--image-counts", "12,4,2", "--image-width", "16"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (work / "images" / "test").iterdir()) == sorted(["good", *DEFECTS])
+    assert len(list((work / "images" / "train" / "good").glob("*.png"))) == 12
+    loaded = load_ast(work / "image-model")  # a real, loadable AST artifact
+    assert loaded.card.input_size == (64, 64)
+    text = (work / "image-report.html").read_text(encoding="utf-8")
+    cases = re.findall(r'<div class="case" data-image="(test/[^"]+)"', text)
+    assert len(cases) == 5 + 2  # the default top 5 defect images and top 2 good ones
+    assert len(PNG_URI.findall(text)) == 2 + len(cases)
+    assert "AU-PRO" in out  # evaluate printed the protocol's table
+    assert not (work / "cell.parquet").exists()  # --only images: no signal half
