@@ -239,10 +239,23 @@ def test_bad_arguments_are_clear_errors(
 
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's main job, shrunk: simulate, inspect, train, evaluate with baselines."""
+    """The README's main job, both halves, shrunk: simulate, inspect, train, evaluate with baselines, then
+    the same on generated images (tests/test_image_report.py checks the image half's outputs)."""
     work = tmp_path / "demo"
-    assert main(["demo", "--dir", str(work), "--scale", "0.03", "--epochs", "2"]) == 0
+    tiny_images = [
+        "--image-size",
+        "64",
+        "--image-epochs",
+        "1",
+        "--image-counts",
+        "8,3,1",
+        "--image-width",
+        "8",
+    ]
+    assert main(["demo", "--dir", str(work), "--scale", "0.03", "--epochs", "2", *tiny_images]) == 0
     out = capsys.readouterr().out
+    assert (work / "image-model" / "model.json").is_file()
+    assert (work / "image-report.html").is_file()
     assert (work / "cell.parquet").is_file()
     assert (work / "model" / "model.json").is_file()
     assert "AUROC % per category" in out
