@@ -26,7 +26,7 @@ SIGNAL_ONLY: dict[str, Any] = {
 }
 #: flags of the image path only -> their default there
 IMAGE_ONLY: dict[str, Any] = {
-    "--size": 256,
+    "--size": 192,
     "--block": 10,
     "--teacher-hidden": 256,
     "--student-width": 256,
@@ -79,7 +79,7 @@ def add_parser(sub: Any) -> None:
     )
     images = p.add_argument_group("images (MVTec-layout directory, AST)")
     images.add_argument(
-        "--size", type=int, help="input size in pixels, images are resized to it (default 256)"
+        "--size", type=int, help="input size in pixels, images are resized to it (default 192)"
     )
     images.add_argument(
         "--block", type=int, help="EfficientNet-Lite0 block whose output is the feature map (default 10)"

@@ -48,7 +48,7 @@ def load_backbone(pretrained: bool = True) -> nn.Module:
 @dataclass(frozen=True)
 class FeatureExtractorConfig:
     block: int = 10
-    input_size: tuple[int, int] = (256, 256)  # (height, width) the images are resized to
+    input_size: tuple[int, int] = (192, 192)  # (height, width) the images are resized to (ablation: README)
 
     def __post_init__(self) -> None:
         if not 0 <= self.block < 16:
