@@ -70,7 +70,7 @@ def test_mask_covers_what_the_defect_changed(defect: str) -> None:
     texture = load_texture("brick")
     for seed in range(4):
         rng = np.random.default_rng(seed)
-        clean = make_normal(texture, rng, 96, test=True)
+        clean = make_normal(texture, rng, 96)
         damaged, mask = paint_defect(clean, defect, rng)
         change = np.abs(damaged.astype(int) - clean.astype(int)).max(axis=2)
         assert mask.any()
@@ -268,3 +268,21 @@ def test_layout_path_that_is_a_file(tmp_path: Path) -> None:
     (root / "train" / "good").write_text("oops")
     with pytest.raises(MvtecLayoutError, match="train/good: not a directory"):
         MvtecDataset(root)
+
+
+def test_crops_are_spread_over_the_photograph_and_never_near_copies() -> None:
+    """Train and test crops come from one process: held-out training images are as new to a model as test
+    images (a threshold calibrated on them must hold on the test set), and no two images nearly coincide."""
+    from ingest.sim.images import crop_positions, load_texture
+
+    texture = load_texture("gravel")
+    positions = crop_positions(texture, np.random.default_rng(3), 110)
+    assert len(positions) == 110
+    corners = np.array([(y, x) for y, x, _ in positions], dtype=float)
+    distances = np.sqrt(((corners[:, None] - corners[None]) ** 2).sum(-1)) + np.eye(110) * 1e9
+    side = np.mean([s for _, _, s in positions])
+    assert distances.min() >= 0.05 * side  # never the same crop twice
+    h, w = texture.shape[:2]
+    centres = corners + side / 2
+    quadrants = {(bool(cy >= h / 2), bool(cx >= w / 2)) for cy, cx in centres}
+    assert len(quadrants) == 4  # all over the photograph, no region held back

@@ -3,9 +3,13 @@
 The normal images are crops of a real texture photograph that scikit-image ships (`skimage.data`:
 brick, grass or gravel; nothing is downloaded), tinted with a fixed colour ramp per category (the
 photographs are grey; colour makes stains and colour shifts visible), with small jitter in position,
-scale and brightness and a random horizontal flip. Training crops come from the texture outside its
-bottom-right quadrant and test crops from inside it, so a test image is never a near-copy of a
-training image.
+scale and brightness and a random horizontal flip. Every image of a set, training or test, is drawn by
+one process, as the parts a camera sees are: the crop positions of the whole set are spread over the
+photograph with a minimum distance between any two (so no image is a near-copy of another) and dealt
+out to the folders at random, so held-out training images are as new to a model as test images are and
+a threshold calibrated on them holds on the test set. (An earlier version cut the test crops from a
+quadrant that training never saw: a well-trained model then flagged every good test image, because
+held-out training crops shared content with the training crops and the test crops did not.)
 
 Defects are painted on a clean test crop at the output size, each with a soft alpha `a` in [0, 1]:
 `out = clean * (1 - a) + painted * a`. The mask (255 = defect) is `a > MASK_ALPHA`, so every pixel
@@ -22,6 +26,7 @@ The same seed gives byte-identical files (numpy's seeded Generator; PIL writes P
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -58,22 +63,38 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def make_normal(texture: np.ndarray, rng: np.random.Generator, size: int, *, test: bool) -> np.ndarray:
-    """A jittered crop of `texture`, resized to size x size, as uint8 RGB.
-
-    Test crops lie in the bottom-right quadrant; training crops never overlap it."""
+def crop_positions(texture: np.ndarray, rng: np.random.Generator, count: int) -> list[tuple[int, int, int]]:
+    """(y, x, side) of `count` crops spread over `texture`: uniform, but no two top-left corners closer
+    than about half the mean spacing (relaxed step by step when the photograph is too small for it)."""
     height, width = texture.shape[:2]
-    side = round(_CROP_FRACTION * min(height, width) * rng.uniform(0.94, 1.06))
-    half_y, half_x = height // 2, width // 2
-    if test:
-        y = half_y + int(rng.integers(0, height - half_y - side + 1))
-        x = half_x + int(rng.integers(0, width - half_x - side + 1))
-    else:
-        while True:  # rejection sampling: outside the held-out quadrant
+    base = _CROP_FRACTION * min(height, width)
+    span = max(1.0, (height - base) * (width - base))
+    min_dist = 0.5 * math.sqrt(span / max(count, 1))
+    out: list[tuple[int, int, int]] = []
+    while len(out) < count:
+        side = round(base * rng.uniform(0.94, 1.06))
+        for _ in range(200):
             y = int(rng.integers(0, height - side + 1))
             x = int(rng.integers(0, width - side + 1))
-            if y + side <= half_y or x + side <= half_x:
+            if all((y - oy) ** 2 + (x - ox) ** 2 >= min_dist**2 for oy, ox, _s in out):
+                out.append((y, x, side))
                 break
+        else:
+            min_dist *= 0.9  # crowded: accept closer crops rather than fail
+    return out
+
+
+def make_normal(
+    texture: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    position: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """A jittered crop of `texture` at `position` (y, x, side; random when None), resized to size x size,
+    as uint8 RGB."""
+    if position is None:
+        position = crop_positions(texture, rng, 1)[0]
+    y, x, side = position
     crop = texture[y : y + side, x : x + side] * rng.uniform(0.94, 1.06) + rng.uniform(-6, 6)
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
@@ -208,16 +229,19 @@ def write_image_dataset(
     root = Path(out_dir)
     texture = load_texture(category)
     rng = np.random.default_rng(seed)
+    total = n_train + n_test_good + n_per_defect * len(defects)
+    # one process for every split: positions spread over the photograph, dealt out at random
+    positions = iter([crop_positions(texture, rng, total)[i] for i in rng.permutation(total)])
     counts: dict[str, int] = {}
     for i in range(n_train):
-        _save(make_normal(texture, rng, size, test=False), root / "train" / "good" / f"{i:03d}.png")
+        _save(make_normal(texture, rng, size, next(positions)), root / "train" / "good" / f"{i:03d}.png")
     counts["train/good"] = n_train
     for i in range(n_test_good):
-        _save(make_normal(texture, rng, size, test=True), root / "test" / "good" / f"{i:03d}.png")
+        _save(make_normal(texture, rng, size, next(positions)), root / "test" / "good" / f"{i:03d}.png")
     counts["test/good"] = n_test_good
     for defect in defects:
         for i in range(n_per_defect):
-            image, mask = paint_defect(make_normal(texture, rng, size, test=True), defect, rng)
+            image, mask = paint_defect(make_normal(texture, rng, size, next(positions)), defect, rng)
             _save(image, root / "test" / defect / f"{i:03d}.png")
             _save(mask.astype(np.uint8) * 255, root / "ground_truth" / defect / f"{i:03d}_mask.png")
         counts[f"test/{defect}"] = n_per_defect
