@@ -71,7 +71,6 @@ def train_images(args: argparse.Namespace) -> int:
         scores_from_maps,
         train_ast,
     )
-    from flows.metrics import threshold_at_fpr
     from flows.training import resolve_device, seed_everything
 
     _check(args)
@@ -166,14 +165,7 @@ def train_images(args: argparse.Namespace) -> int:
 
     maps = feature_maps(model.anomaly_map, cal_features, device)
     cal_scores, _ = scores_from_maps(maps, input_size, reduce=scoring.reduce, sigma=scoring.sigma)
-    value = threshold_at_fpr(cal_scores, args.fpr)
-    threshold = Threshold(
-        value=float(value),
-        reference=float(np.median(cal_scores)),
-        target_fpr=args.fpr,
-        calibration_fpr=float(np.mean(cal_scores > value)),
-        calibration_windows=len(cal_scores),
-    )
+    threshold = Threshold.calibrate(cal_scores, args.fpr)
     card = ASTCard(
         features=features_config,
         channels=extractor.channels,

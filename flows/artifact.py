@@ -49,6 +49,23 @@ class Threshold:
     calibration_fpr: float
     calibration_windows: int
 
+    @classmethod
+    def calibrate(cls, scores: Any, target_fpr: float) -> Threshold:
+        """The threshold at `target_fpr` of held-out normal `scores` (flows.metrics.threshold_at_fpr)."""
+        import numpy as np
+
+        from flows.metrics import threshold_at_fpr
+
+        scores = np.asarray(scores, dtype=float)
+        value = threshold_at_fpr(scores, target_fpr)
+        return cls(
+            value=float(value),
+            reference=float(np.median(scores)),
+            target_fpr=target_fpr,
+            calibration_fpr=float(np.mean(scores > value)),
+            calibration_windows=len(scores),
+        )
+
     def normalize(self, score: Any) -> Any:
         span = self.value - self.reference
         return (score - self.reference) / (span if span > 0 else 1.0)

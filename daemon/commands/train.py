@@ -161,7 +161,6 @@ def train_signals(args: argparse.Namespace) -> int:
 
     from daemon.dataset import load_cycles, resolve_signals
     from flows.artifact import ModelCard, Threshold, save_model
-    from flows.metrics import threshold_at_fpr
     from flows.mvtflow import MVTFlow, MVTFlowConfig
     from flows.preprocess import Standardizer, cut_windows, pad_or_truncate
     from flows.training import TrainConfig, batched_scores, resolve_device, seed_everything, train_flow
@@ -237,14 +236,7 @@ def train_signals(args: argparse.Namespace) -> int:
             flow, torch.from_numpy(fit_x), train_config, device, on_epoch=on_epoch, on_batch=on_batch
         )
     cal_scores = batched_scores(flow, torch.from_numpy(cal_x), device, bf16=args.bf16)
-    value = threshold_at_fpr(cal_scores, args.fpr)
-    threshold = Threshold(
-        value=float(value),
-        reference=float(np.median(cal_scores)),
-        target_fpr=args.fpr,
-        calibration_fpr=float(np.mean(cal_scores > value)),
-        calibration_windows=len(cal_scores),
-    )
+    threshold = Threshold.calibrate(cal_scores, args.fpr)
     card = ModelCard(
         signals=signals,
         rate_hz=data.rate_hz,
