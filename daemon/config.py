@@ -10,6 +10,7 @@ credential under $CREDENTIALS_DIRECTORY) or an environment variable (``*_env``),
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -148,11 +149,155 @@ class MqttSource(_Strict):
         return self
 
 
-Source = Annotated[VorausReplaySource | KafkaSource | MqttSource, Field(discriminator="type")]
+ROBOT_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class _Camera(_Strict):
+    """What every camera source shares: whose frames they are and the bounds a frame must keep."""
+
+    max_frame_mb: float = Field(
+        default=32, gt=0, le=512, description="an encoded frame (file, payload) larger than this is rejected"
+    )
+    max_pixels: int = Field(
+        default=40_000_000, ge=1, le=400_000_000, description="a frame with more pixels is rejected"
+    )
+
+
+class ImageFolderSource(_Camera):
+    """Camera frames as PNG/JPEG files: a folder watched for new files, or a replay of a folder (a plain
+    folder or the test split of an MVTec-layout data set) that ends when every file was scored once."""
+
+    type: Literal["image_folder"]
+    path: Path
+    robot: str = Field(min_length=1, max_length=64, pattern=ROBOT_ID)
+    camera: str = Field(default="cam1", min_length=1, max_length=64, pattern=ROBOT_ID)
+    mode: Literal["watch", "replay"] = "watch"
+    poll_s: float = Field(default=0.5, gt=0, le=60, description="watch: how often the folder is listed")
+    settle_s: float = Field(
+        default=0.5, ge=0, le=60, description="watch: a file is read once its size is unchanged this long"
+    )
+    interval_s: float = Field(
+        default=1.0, gt=0, le=86_400, description="replay: data time between frames (their timestamps)"
+    )
+    start: datetime | None = Field(
+        default=None, description="replay: the first frame's timestamp (default: now)"
+    )
+    cycle_pattern: str | None = Field(
+        default=None,
+        description="a regular expression with a group named 'cycle' read from the file name "
+        r"(e.g. 'cycle(?P<cycle>\d+)'): the voraus cycle the frame belongs to",
+    )
+
+    @model_validator(mode="after")
+    def _pattern(self) -> ImageFolderSource:
+        if self.cycle_pattern is not None:
+            try:
+                compiled = re.compile(self.cycle_pattern)
+            except re.error as err:
+                raise ValueError(f"cycle_pattern is not a regular expression: {err}") from None
+            if "cycle" not in compiled.groupindex:
+                raise ValueError("cycle_pattern needs a group named 'cycle', e.g. (?P<cycle>\\d+)")
+        return self
+
+
+class VideoSource(_Camera):
+    """Camera frames from a video file or a network stream (rtsp://, http://) decoded by PyAV (FFmpeg).
+    A file ends at its last frame; a stream that drops is reopened with backoff."""
+
+    type: Literal["video"]
+    url: str = Field(min_length=1, max_length=2048, description="a file path, rtsp://, rtsps://, http(s)://")
+    robot: str = Field(min_length=1, max_length=64, pattern=ROBOT_ID)
+    camera: str = Field(default="cam1", min_length=1, max_length=64, pattern=ROBOT_ID)
+    max_fps: float | None = Field(
+        default=None, gt=0, le=1000, description="frames above this rate are skipped (counted), not scored"
+    )
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    open_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    start: datetime | None = Field(
+        default=None,
+        description="a file: the first frame's timestamp (default: the file's modification time)",
+    )
+
+
+class MqttFramesSource(_Camera):
+    """JPEG/PNG frames over MQTT 5 (QoS 1, acknowledged once scored and written). The topic template
+    names the robot and the camera; user properties `time_ns`, `cycle`, `frame` carry the timestamp, the
+    voraus cycle and the frame number (each optional)."""
+
+    type: Literal["mqtt_frames"]
+    host: str = Field(min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic: str = Field(default="cell/{robot}/camera/{camera}")
+    client_id: str = Field(default="cellwatch-camera", min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretRef | None = None
+    tls: MqttTlsConfig | None = None
+    session_expiry_s: int = Field(default=86_400, ge=0, le=2**32 - 1)
+    receive_maximum: int = Field(default=64, ge=1, le=65535)
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    connect_retry_s: float = Field(default=60.0, ge=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _template(self) -> MqttFramesSource:
+        levels = self.topic.split("/")
+        if levels.count("{robot}") != 1 or levels.count("{camera}") != 1:
+            raise ValueError(
+                f"topic needs the levels {{robot}} and {{camera}}, once each (got {self.topic!r})"
+            )
+        if any(c in self.topic for c in "+#"):
+            raise ValueError(
+                f"topic is a template with {{robot}} and {{camera}}, not a filter (got {self.topic!r})"
+            )
+        return self
+
+
+class KafkaFramesSource(_Strict):
+    """JPEG/PNG frames from a Kafka topic (offsets committed once scored and written). The message key is
+    `robot/camera`; headers `time_ns`, `cycle`, `frame` carry the timestamp, the voraus cycle and the
+    frame number (each optional; the record's timestamp is the default time)."""
+
+    type: Literal["kafka_frames"]
+    bootstrap: list[Annotated[str, Field(pattern=r"^[^:\s]+:\d{1,5}$")]] = Field(min_length=1)
+    topic: str = Field(default="cell.camera", min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
+    group: str = Field(default="cellwatch-camera", min_length=1)
+    client_id: str = "cellwatch-camera"
+    security: KafkaSecurityConfig = KafkaSecurityConfig()
+    start_from: Literal["earliest", "latest"] = "earliest"
+    queue_messages: int = Field(default=64, ge=4, le=100_000)
+    session_timeout_ms: int = Field(default=10_000, ge=1000, le=300_000)
+    max_frame_mb: float = Field(default=8, gt=0, le=64, description="a larger message is rejected")
+    max_pixels: int = Field(default=40_000_000, ge=1, le=400_000_000)
+
+
+Source = Annotated[
+    VorausReplaySource
+    | KafkaSource
+    | MqttSource
+    | ImageFolderSource
+    | VideoSource
+    | MqttFramesSource
+    | KafkaFramesSource,
+    Field(discriminator="type"),
+]
+SOURCE_TYPES: tuple[str, ...] = (
+    "voraus_replay",
+    "kafka",
+    "mqtt",
+    "image_folder",
+    "video",
+    "mqtt_frames",
+    "kafka_frames",
+)
 
 
 class ModelConfig(_Strict):
     path: Path
+    batch: int | None = Field(
+        default=None, ge=1, le=4096, description="micro-batch of this model (default: scoring.batch)"
+    )
 
 
 class ScoringConfig(_Strict):
@@ -277,9 +422,26 @@ class MetricsConfig(_Strict):
     listen: str | None = Field(default="127.0.0.1:9108", pattern=r"^[^:\s]+:\d{1,5}$")
 
 
+class OverlayConfig(_Strict):
+    """Anomaly-map overlays of frames over the threshold, as PNG files in the state directory: the oldest
+    are deleted first once either bound is reached; `latest/ROBOT_CAMERA.png` is the newest per camera
+    (served at /overlays/ by the metrics endpoint)."""
+
+    dir: Path = Path("overlays")
+    max_files: int = Field(default=500, ge=1, le=1_000_000)
+    max_mb: float = Field(default=200, gt=0, le=1_000_000)
+
+
 class Config(_Strict):
     sources: list[Source] = Field(min_length=1)
-    model: ModelConfig
+    model: ModelConfig | None = Field(default=None, description="the model; `models` to name several")
+    models: list[ModelConfig] = Field(
+        default_factory=list,
+        max_length=2,
+        description="one model per kind of data: an MVT-Flow for signal sources, an AST for camera sources "
+        "(the model's own card says which it is)",
+    )
+    overlays: OverlayConfig = OverlayConfig()
     scoring: ScoringConfig = ScoringConfig()
     sinks: SinksConfig = SinksConfig()
     alerts: AlertConfig = AlertConfig()
@@ -290,6 +452,29 @@ class Config(_Strict):
         description="where relative paths resolve (default: $STATE_DIRECTORY, else the config's directory)",
     )
     stop_drain_s: float = Field(default=20.0, gt=0, le=600, description="bounded drain on SIGTERM")
+
+    @model_validator(mode="after")
+    def _one_model_field(self) -> Config:
+        if self.model is None and not self.models:
+            raise ValueError("give `model` (one model) or `models` (one per kind of data)")
+        if self.model is not None and self.models:
+            raise ValueError("give `model` or `models`, not both")
+        return self
+
+    @property
+    def model_list(self) -> list[ModelConfig]:
+        """Every configured model (`model` or `models`)."""
+        return [self.model] if self.model is not None else list(self.models)
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> Config:
+        cameras = [
+            (s.robot, s.camera) for s in self.sources if isinstance(s, ImageFolderSource | VideoSource)
+        ]
+        duplicates = sorted({f"{r}/{c}" for r, c in cameras if cameras.count((r, c)) > 1})
+        if duplicates:
+            raise ValueError(f"robot/camera pairs must be unique, repeated: {duplicates}")
+        return self
 
     @model_validator(mode="after")
     def _unique_robots(self) -> Config:
@@ -306,7 +491,7 @@ def _location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(previous, int) and part in ("voraus_replay", "kafka", "mqtt"):
+        elif isinstance(previous, int) and part in SOURCE_TYPES:
             pass  # the discriminator tag pydantic inserts after a list index (sources[0].kafka.topic)
         else:
             out += f".{part}" if out else str(part)
@@ -386,10 +571,14 @@ def _rebase(config: Config, base: Path) -> Config:
     def fix(p: Path) -> Path:
         return p if p.is_absolute() else base / p
 
-    sources = [
-        s.model_copy(update={"path": fix(s.path)}) if isinstance(s, VorausReplaySource) else s
-        for s in config.sources
-    ]
+    def fix_source(s: Any) -> Any:
+        if isinstance(s, VorausReplaySource | ImageFolderSource):
+            return s.model_copy(update={"path": fix(s.path)})
+        if isinstance(s, VideoSource) and "://" not in s.url:  # a file, not a stream
+            return s.model_copy(update={"url": str(fix(Path(s.url)))})
+        return s
+
+    sources = [fix_source(s) for s in config.sources]
     sinks = config.sinks
     updates: dict[str, Any] = {}
     if sinks.file is not None:
@@ -399,7 +588,11 @@ def _rebase(config: Config, base: Path) -> Config:
     return config.model_copy(
         update={
             "sources": sources,
-            "model": config.model.model_copy(update={"path": fix(config.model.path)}),
+            "model": config.model.model_copy(update={"path": fix(config.model.path)})
+            if config.model
+            else None,
+            "models": [m.model_copy(update={"path": fix(m.path)}) for m in config.models],
+            "overlays": config.overlays.model_copy(update={"dir": fix(config.overlays.dir)}),
             "sinks": sinks.model_copy(update=updates),
             "state_dir": base,
         }

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingest.messages import MessageError, decode
+from ingest.source import SIGNALS, Kind
 from ingest.stream import Delivery, Rejections, SourceUnavailable, once
 
 log = logging.getLogger("cellwatch.ingest.kafka")
@@ -110,7 +111,7 @@ class _DeadLetter:
 
 
 class KafkaSource:
-    kind = "kafka"
+    kind: Kind = SIGNALS
 
     def __init__(
         self,
@@ -485,6 +486,9 @@ class KafkaSource:
             ("cellwatch_dead_letters_pending", "gauge", self.dead_letters_pending),
         ]
         return [(name, kind, {"source": self.name}, float(value)) for name, kind, value in values]
+
+    def close(self) -> None:
+        """Nothing is opened before start()."""
 
     async def aclose(self) -> None:
         for task in (self._fetcher, self._dead_writer):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingest.messages import MessageError, decode
+from ingest.source import SIGNALS, Kind
 from ingest.stream import Delivery, Rejections, SourceUnavailable, once
 
 log = logging.getLogger("cellwatch.ingest.mqtt")
@@ -173,7 +174,7 @@ def _no_ack() -> None:
 
 
 class MqttSource:
-    kind = "mqtt"
+    kind: Kind = SIGNALS
 
     def __init__(
         self,
@@ -422,6 +423,9 @@ class MqttSource:
                 for qos, count in sorted(self.dropped.items())
             ),
         ]
+
+    def close(self) -> None:
+        """Nothing is opened before start()."""
 
     async def aclose(self) -> None:
         if self._watch is not None:

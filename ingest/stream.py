@@ -1,11 +1,10 @@
-"""What every streaming adapter (Kafka, MQTT) hands the pipeline: decoded batches with an ack.
+"""What the broker adapters (Kafka, MQTT) share: rejection counting, once-only acks, start-up errors.
 
-Adapters share one shape::
+Every source has the shape of `ingest.source.Source`::
 
-    source = KafkaSource(...) | MqttSource(...)
     await source.start()                      # connect; raises SourceUnavailable with the reason
     async for delivery in source.deliveries():
-        ...                                   # delivery.batch: SignalBatch, delivery.ack(): release
+        ...                                   # delivery.item: SignalBatch or Frame, delivery.ack(): release
     source.rejections                         # Counter: reason -> malformed messages dropped
     await source.aclose()
 
@@ -20,20 +19,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ingest.errors import IngestError
-from ingest.messages import SignalBatch
+from ingest.source import Delivery as Delivery  # the one shape of every source (ingest/source.py)
 
 
 class SourceUnavailable(IngestError):
     """The broker cannot be reached or refused us at start-up."""
-
-
-@dataclass(frozen=True)
-class Delivery:
-    batch: SignalBatch
-    ack: Callable[[], None]
 
 
 class Rejections(Counter[str]):

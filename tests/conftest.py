@@ -48,3 +48,27 @@ def tiny_cell_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
         == 0
     )
     return cell, model
+
+
+TINY_AST = [
+    "--size", "64", "--blocks", "2", "--teacher-hidden", "16", "--student-width", "16",
+    "--student-blocks", "1", "--lr", "1e-3", "--seed", "3", "--device", "cpu", "--epochs", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_images_and_ast(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small generated brick data set in the MVTec layout (96 px, 8 train, 4 good + 2 per defect in
+    test) and a tiny AST (64 px input, 2 epochs) trained on it: enough to drive the camera half of the
+    daemon end to end, not a good detector."""
+    from daemon.cli import main
+    from ingest.sim.images import write_image_dataset
+
+    root = tmp_path_factory.mktemp("tiny-images")
+    data = root / "brick"
+    write_image_dataset(
+        data, seed=5, n_train=8, n_test_good=4, n_per_defect=2, size=96, defects=("hole", "stain")
+    )
+    model = root / "ast"
+    assert main(["train", "--data", str(data), "--out", str(model), *TINY_AST]) == 0
+    return data, model

@@ -15,6 +15,7 @@ truncated or corrupt) is rejected with a reason, counted in `MvtecDataset.reject
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 import warnings
@@ -74,37 +75,58 @@ def _open(path: Path, max_bytes: int, max_pixels: int) -> Image.Image:
         raise ImageRejected("empty", f"{path}: empty file")
     if size > max_bytes:
         raise ImageRejected("file_too_large", f"{path}: {size} bytes, more than the limit of {max_bytes}")
+    return _decode(path, str(path), max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, where: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns (and above 2x errors) past its own MAX_IMAGE_PIXELS: both are a rejection here
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path, formats=FORMATS)
+            im = Image.open(source, formats=FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise ImageRejected("too_many_pixels", f"{path}: {err}") from err
+        raise ImageRejected("too_many_pixels", f"{where}: {err}") from err
     except UnidentifiedImageError as err:
-        raise ImageRejected("not_an_image", f"{path}: not a PNG or JPEG image") from err
+        raise ImageRejected("not_an_image", f"{where}: not a PNG or JPEG image") from err
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as err:
-        raise ImageRejected("unreadable", f"{path}: {err}") from err
+        raise ImageRejected("unreadable", f"{where}: {err}") from err
     try:
         width, height = im.size
         if width <= 0 or height <= 0:
-            raise ImageRejected("zero_size", f"{path}: image is {width}x{height}")
+            raise ImageRejected("zero_size", f"{where}: image is {width}x{height}")
         if width * height > max_pixels:
             raise ImageRejected(
                 "too_many_pixels",
-                f"{path}: {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
+                f"{where}: {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
             )
         try:
             im.load()
             upright = ImageOps.exif_transpose(im)
         except _DECODE_ERRORS as err:
-            raise ImageRejected("unreadable", f"{path}: corrupt or truncated image ({err})") from err
+            raise ImageRejected("unreadable", f"{where}: corrupt or truncated image ({err})") from err
         if upright is not im:
             im.close()
         return upright
     except ImageRejected:
         im.close()
         raise
+
+
+def decode_image(
+    data: bytes, *, where: str = "image", max_bytes: int = MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """Decode a PNG or JPEG payload (a camera message) as uint8 RGB, H x W x 3, with the same bounds and
+    reasons as `read_image`. Raises ImageRejected; `where` names the payload in the reason's text. CPU
+    work: call it off the event loop."""
+    if not data:
+        raise ImageRejected("empty", f"{where}: empty payload")
+    if len(data) > max_bytes:
+        raise ImageRejected(
+            "file_too_large", f"{where}: {len(data)} bytes, more than the limit of {max_bytes}"
+        )
+    im = _decode(io.BytesIO(data), where, max_pixels)
+    with im:
+        return _to_rgb(im)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

@@ -10,11 +10,15 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ingest.source import SIGNALS, Delivery, Kind, ReplayedCycle, Sample, no_ack
 from ingest.voraus.reader import Cycle, VorausReader
 
 
 class VorausReplaySource:
-    """`async for cycle in source.cycles()`; `close()` when done."""
+    """A `Source` of whole cycles (`ReplayedCycle`, on a clock from `start_ns`); `cycles()` gives the bare
+    cycles. Nothing to acknowledge: a file can be read again."""
+
+    kind: Kind = SIGNALS
 
     def __init__(
         self,
@@ -24,6 +28,7 @@ class VorausReplaySource:
         *,
         speed: float = 1.0,
         test_split_only: bool = True,
+        start_ns: int = 0,
     ) -> None:
         if not speed > 0:
             raise ValueError(f"speed must be > 0, got {speed}")
@@ -31,6 +36,7 @@ class VorausReplaySource:
         self.name = f"replay:{robot}"
         self.speed = speed
         self.test_split_only = test_split_only
+        self.start_ns = start_ns  # the replay's clock: the first cycle ends at start_ns + its duration
         # small record batches: a daemon keeps a steady, low footprint (the batch size does not change speed
         # much: cycles are assembled from many batches either way)
         self.reader = VorausReader(path, signals, batch_rows=8192)
@@ -60,12 +66,21 @@ class VorausReplaySource:
             with contextlib.suppress(Exception):
                 iterator.close()  # type: ignore[attr-defined]
 
+    async def start(self) -> None:
+        """The file is opened at construction (its rate is checked before the daemon starts)."""
+
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        clock_ns = self.start_ns
+        async for cycle in self.cycles():
+            clock_ns += round(cycle.duration_s * 1e9)
+            yield Delivery(ReplayedCycle(self.robot, cycle, clock_ns), no_ack)
+
     @property
     def rejections(self) -> dict[str, int]:
         """Cycles rejected by reason (nan, too_short, ...)."""
         return dict(self.reader.rejections.counts)
 
-    def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+    def metric_samples(self) -> list[Sample]:
         """Damaged row groups met so far and the file's measured sampling rate (its rejected cycles
         are counted by reason in ``cellwatch_rejects_total``)."""
         labels = {"source": self.name}

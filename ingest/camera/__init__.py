@@ -1,0 +1,1 @@
+"""Camera sources: frames from a folder, a video file or stream, or JPEG/PNG payloads over MQTT and Kafka."""
