@@ -302,7 +302,8 @@ class ModelConfig(_Strict):
 
 class ScoringConfig(_Strict):
     mode: Literal["cycle", "window"] = "cycle"
-    batch: int = Field(default=32, ge=1, le=4096)
+    batch: int = Field(default=32, ge=1, le=4096, description="micro-batch of the signal model")
+    frame_batch: int = Field(default=8, ge=1, le=1024, description="micro-batch of the image model")
     max_wait_ms: int = Field(default=50, ge=0, le=60_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False

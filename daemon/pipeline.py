@@ -19,12 +19,22 @@ from typing import Any, Protocol
 import numpy as np
 
 from daemon.alerts import Alert, AlertEvent, AlertTracker
+from daemon.frames import (
+    FrameModel,
+    Fusion,
+    ScoredFrame,
+    camera_alert_point,
+    camera_key,
+    frame_point,
+)
 from daemon.layout import ALERT_MEASUREMENT, LOCALIZATION_MEASUREMENT, SCORE_MEASUREMENT
 from daemon.sinks.file import FileSink as FileSink  # moved there; imported from here too
 from daemon.sinks.lineprotocol import Point
 from daemon.windowing import Ack, StreamRejected, StreamWindower, Window
 from flows.preprocess import downsample, window_starts
 from flows.scorer import NORMALIZED_CAP, SCORE_CAP, Scorer
+from ingest.messages import SignalBatch
+from ingest.source import Delivery, Frame, ReplayedCycle, Source
 from ingest.stream import Rejections
 from ingest.voraus.reader import Cycle
 
@@ -69,7 +79,16 @@ class PipelineStats:
     alert_updates: int = 0
     robots_retired: int = 0  # robots forgotten after `idle_timeout_s` of silence
     reloads: int = 0
+    frames_in: int = 0
+    frames_scored: int = 0
+    frame_anomalies: int = 0
+    frame_batches: int = 0
+    frame_inference_seconds: float = 0.0
+    camera_alerts: int = 0
+    overlays: int = 0  # overlays saved
     results: list[Scored] = field(default_factory=list)  # only with keep_results (tests, evaluation)
+    frame_results: list[ScoredFrame] = field(default_factory=list)  # only with keep_results
+    cameras: set[str] = field(default_factory=set)  # robot/camera seen (bounded by the robot limits)
     recent_alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=RECENT_ALERTS))
     robots: set[str] = field(default_factory=set)  # robot ids seen (bounded by the robot limits)
 
@@ -218,53 +237,105 @@ def to_point(result: Scored, model: str, mode: str, threshold: float) -> Point:
     )
 
 
+class OverlayWriter(Protocol):
+    """Where anomaly-map overlays go (daemon.overlays.OverlayStore): returns the saved file's name."""
+
+    def save(
+        self,
+        robot: str,
+        camera: str,
+        time_ns: int,
+        seq: int,
+        image: np.ndarray,
+        anomaly_map: np.ndarray,
+        threshold: float,
+    ) -> str: ...
+
+
+@dataclass(frozen=True)
+class Models:
+    """The models of one daemon, one per kind of data: `signals` scores robot signals (MVT-Flow),
+    `frames` scores camera frames (AST). A source's kind picks its model."""
+
+    signals: ModelState | None = None
+    frames: FrameModel | None = None
+
+
 class Pipeline:
+    """Sources of both kinds → per-kind micro-batches → one inference thread → sinks.
+
+    Signal sources feed windows to the signal model's queue; camera sources feed frames to the frame
+    model's queue; each queue has its own batching consumer, and both run their models on the same
+    inference thread (one device). Alerts are tracked per robot (signals) and per robot and camera
+    (frames); a frame that carries a voraus cycle id is joined with that cycle's signal score."""
+
     def __init__(
         self,
-        sources: Sequence[Any],
-        scorer: Scorer,
+        sources: Sequence[Source],
+        models: Models,
         sinks: Sequence[Sink],
         *,
-        model_name: str,
-        start_ns: dict[str, int],
         batch: int = 32,
         max_wait_ms: int = 50,
+        frame_batch: int = 8,
         queue_size: int | None = None,
         keep_results: bool = False,
         alerts: dict[str, Any] | None = None,
         limits: RobotLimits | None = None,
+        overlays: OverlayWriter | None = None,
     ) -> None:
         self.sources = list(sources)
-        self.model = ModelState(scorer, model_name)
-        self._models: dict[int, ModelState] = {0: self.model}  # generations still in the queue
+        self._signal_model = models.signals
+        self.frame_model = models.frames
+        self._models: dict[int, ModelState] = {0: models.signals} if models.signals else {}
         self._queued: Counter[int] = Counter()  # windows in the queue per model generation
         self.sinks = list(sinks)
-        self.start_ns = start_ns
         self.batch = batch
+        self.frame_batch = frame_batch
         self.max_wait_s = max_wait_ms / 1000
         # bounded: a few batches in flight; sources wait when it is full (backpressure)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size or max(4 * batch, 16))
+        self.frame_queue: asyncio.Queue[Delivery | None] = asyncio.Queue(
+            maxsize=queue_size or max(2 * frame_batch, 4)
+        )
         self.stats = PipelineStats()
         self.keep_results = keep_results
         self.limits = limits or RobotLimits()
+        self.overlays = overlays
+        self.fusion = Fusion()
         self._producers: list[asyncio.Task[None]] = []
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellwatch-inference")
+        self._sink_lock = asyncio.Lock()  # one writer at a time: a batch's points, then its flush
         self.alert_options = alerts or {}
         self.trackers: dict[str, AlertTracker] = {}
+        self.camera_trackers: dict[str, AlertTracker] = {}
         self.windowers: dict[str, StreamWindower] = {}
         self._last_seen: dict[str, float] = {}  # stream robot -> monotonic time of its last message
         self._last_label: dict[str, int] = {}  # window mode: the cycle label of a robot's last window
         self.stream_rejections: dict[str, Rejections] = {}  # source name -> reason -> count
         self.last_time: dict[str, int] = {}
 
-    # -- the model, swapped whole ------------------------------------------------------------------
+    # -- the models, each swapped whole ------------------------------------------------------------
+    @property
+    def model(self) -> ModelState:
+        """The signal model (a pipeline of camera sources only has none)."""
+        if self._signal_model is None:
+            raise RuntimeError("no signal model is configured")
+        return self._signal_model
+
     @property
     def scorer(self) -> Scorer:
         return self.model.scorer
 
     @property
     def model_name(self) -> str:
-        return self.model.name
+        names = [m.name for m in (self._signal_model, self.frame_model) if m is not None]
+        return ", ".join(names)
+
+    def swap_frame_model(self, model: FrameModel) -> None:
+        """Score frames with another image model from the next batch on (SIGHUP)."""
+        self.frame_model = model
+        self.stats.reloads += 1
 
     def swap_model(self, scorer: Scorer, model_name: str) -> None:
         """Score with another model from the next window cut on (SIGHUP). Call on the event loop.
@@ -273,7 +344,7 @@ class Pipeline:
         first point of the new model carries the new model's threshold, mode and tag; windowers follow
         a changed rate, window or hop at once (rows held for an unfinished cycle are kept)."""
         old = self.model
-        self.model = ModelState(scorer, model_name, old.generation + 1)
+        self._signal_model = ModelState(scorer, model_name, old.generation + 1)
         self._models[self.model.generation] = self.model
         self._drop_idle_generations()
         spec, before = self.model.windowing(), old.windowing()
@@ -290,8 +361,9 @@ class Pipeline:
 
     def _drop_idle_generations(self) -> None:
         """Forget the models of earlier generations once no queued window needs them."""
+        current = self._signal_model.generation if self._signal_model else None
         for generation in list(self._models):
-            if generation != self.model.generation and not self._queued[generation]:
+            if generation != current and not self._queued[generation]:
                 del self._models[generation]
                 self._queued.pop(generation, None)
 
@@ -326,39 +398,66 @@ class Pipeline:
         self._queued[window.generation] += 1
         await self.queue.put(window)  # waits when full: backpressure
 
-    async def _produce(self, source: Any) -> None:
-        if not hasattr(source, "cycles"):
-            await self._produce_stream(source)
-            return
-        clock_ns = self.start_ns[source.robot]
-        self.stats.robots.add(source.robot)
-        async for cycle in source.cycles():
-            self.stats.cycles_in += 1
-            clock_ns += round(cycle.duration_s * 1e9)
-            for window in self._windows(source.robot, cycle, clock_ns):
-                await self._put(window)
-
-    async def _produce_stream(self, source: Any) -> None:
-        """A streaming source (Kafka, MQTT): message batches are windowed per robot."""
+    async def _produce(self, source: Source) -> None:
+        """Everything a source delivers, to the queue of the model made for it."""
         rejected = self.stream_rejections.setdefault(source.name, Rejections())
         async for delivery in source.deliveries():
-            self.stats.messages_in += 1
-            batch = delivery.batch
-            try:
-                windower = self._admit(batch.robot)
-            except StreamRejected as err:
-                delivery.ack()  # never scored: holding it would block the acks behind it for good
-                rejected.add(err.reason, str(err), log)
-                continue
-            self._last_seen[batch.robot] = time.monotonic()
-            try:
-                windows = windower.push(batch, delivery.ack)
-            except StreamRejected as err:
-                rejected.add(err.reason, str(err), log)
-                continue
-            for window in windows:
-                self._count_cycle(window)
-                await self._put(window)
+            item = delivery.item
+            if isinstance(item, Frame):
+                self.stats.frames_in += 1
+                await self._put_frame(delivery, rejected)
+            elif isinstance(item, ReplayedCycle):
+                self.stats.cycles_in += 1
+                self.stats.robots.add(item.robot)
+                for window in self._windows(item.robot, item.cycle, item.end_ns):
+                    await self._put(window)
+                delivery.ack()
+            else:
+                self.stats.messages_in += 1
+                await self._put_batch(delivery, item, rejected)
+
+    async def _put_batch(self, delivery: Delivery, batch: SignalBatch, rejected: Rejections) -> None:
+        """A streamed batch of signals (Kafka, MQTT): windowed per robot."""
+        try:
+            windower = self._admit(batch.robot)
+        except StreamRejected as err:
+            delivery.ack()  # never scored: holding it would block the acks behind it for good
+            rejected.add(err.reason, str(err), log)
+            return
+        self._last_seen[batch.robot] = time.monotonic()
+        try:
+            windows = windower.push(batch, delivery.ack)
+        except StreamRejected as err:
+            rejected.add(err.reason, str(err), log)
+            return
+        for window in windows:
+            self._count_cycle(window)
+            await self._put(window)
+
+    async def _put_frame(self, delivery: Delivery, rejected: Rejections) -> None:
+        frame = delivery.item
+        assert isinstance(frame, Frame)
+        key = camera_key(frame.robot, frame.camera)
+        limits = self.limits
+        reason = None
+        if self.frame_model is None:
+            reason = ("no_model", f"{key}: a camera frame, but no image model is configured")
+        elif limits.allow is not None and frame.robot not in limits.allow:
+            reason = ("robot_not_allowed", f"robot {frame.robot!r} is not in the allowed robots")
+        elif key not in self.camera_trackers and len(self.camera_trackers) >= limits.max_robots:
+            reason = (
+                "too_many_cameras",
+                f"camera {key!r} would be one too many; max_robots is {limits.max_robots}",
+            )
+        if reason is not None:
+            delivery.ack()
+            rejected.add(reason[0], reason[1], log)
+            return
+        if key not in self.camera_trackers:
+            self.camera_trackers[key] = AlertTracker(key, **self.alert_options)
+            if len(self.stats.cameras) < MAX_ROBOTS_REMEMBERED:
+                self.stats.cameras.add(key)
+        await self.frame_queue.put(delivery)  # waits when full: backpressure
 
     def _count_cycle(self, window: Window) -> None:
         if self.model.mode == "cycle":
@@ -486,6 +585,10 @@ class Pipeline:
                 for r in scored:
                     w = r.window
                     self.last_time[w.robot] = w.time_ns
+                    if self.frame_model is not None:  # a camera may send this cycle's frame
+                        points += self.fusion.signal(
+                            w.robot, w.cycle, w.time_ns, r.normalized, r.is_anomaly or r.capped
+                        )
                     for event in self._tracker(w.robot).update(
                         w.time_ns, r.normalized, r.is_anomaly, w.cycle, w
                     ):
@@ -508,20 +611,131 @@ class Pipeline:
                     events += [(e, self.model) for e in tracker.finish(self.last_time.get(robot, 0))]
             if events:
                 points += await loop.run_in_executor(self._inference, self._explain, events)
+            acks = [ack for window in windows for ack in window.acks] + [a for r in retired for a in r.acks]
+            await self._write(points, acks)
+            for window in windows:
+                window.acks = []
+            if done:
+                return
+
+    async def _write(self, points: list[Point], acks: Sequence[Ack]) -> None:
+        """Points to every sink; then, when there are acks, a flush (durable) before they are released."""
+        if not points and not acks:
+            return
+        async with self._sink_lock:
             if points:
                 for sink in self.sinks:
                     await sink.write(points)
-            acks = [ack for window in windows for ack in window.acks] + [a for r in retired for a in r.acks]
             if acks:
-                # release the messages behind these windows only once their points are durable
+                # release the messages behind these points only once the points are durable
                 for sink in self.sinks:
                     await sink.flush()
-                for ack in acks:
-                    ack()
-                for window in windows:
-                    window.acks = []
+        for ack in acks:
+            ack()
+
+    # -- frames ------------------------------------------------------------------------------------
+    async def _next_frames(self) -> tuple[list[Delivery], bool]:
+        first = await self.frame_queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.frame_batch:
+            timeout = deadline - loop.time()
+            try:
+                item = (
+                    self.frame_queue.get_nowait()
+                    if timeout <= 0
+                    else await asyncio.wait_for(self.frame_queue.get(), timeout)
+                )
+            except (TimeoutError, asyncio.QueueEmpty):
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _score_frames(self, model: FrameModel, frames: list[Frame]) -> list[ScoredFrame]:
+        """On the inference thread: resize as `evaluate` does, score, save the overlays of anomalies."""
+        started = time.perf_counter()
+        prepared = np.stack([model.prepare(f) for f in frames])
+        scores = model.scorer.score(prepared)
+        threshold = float(model.card.threshold.value)
+        out = []
+        for i, frame in enumerate(frames):
+            result = ScoredFrame(
+                frame, float(scores.raw[i]), float(scores.normalized[i]), bool(scores.is_anomaly[i])
+            )
+            if result.is_anomaly and self.overlays is not None:
+                try:
+                    result.overlay = self.overlays.save(
+                        frame.robot,
+                        frame.camera,
+                        frame.time_ns,
+                        frame.seq,
+                        prepared[i],
+                        np.asarray(scores.maps[i]),
+                        threshold,
+                    )
+                    self.stats.overlays += 1
+                except OSError as err:  # a full disk loses the picture, never the score
+                    log.error("overlay of %s not saved: %s", frame.ref, err)
+            out.append(result)
+        self.stats.frame_inference_seconds += time.perf_counter() - started
+        return out
+
+    async def _consume_frames(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            deliveries, done = await self._next_frames()
+            points: list[Point] = []
+            if deliveries:
+                model = self.frame_model
+                assert model is not None  # frames are admitted only with a frame model
+                frames = [d.item for d in deliveries if isinstance(d.item, Frame)]
+                scored = await loop.run_in_executor(self._inference, self._score_frames, model, frames)
+                threshold = float(model.card.threshold.value)
+                for r in scored:
+                    frame = r.frame
+                    points.append(frame_point(r, model.name, threshold))
+                    key = camera_key(frame.robot, frame.camera)
+                    tracker = self.camera_trackers.get(key)
+                    if tracker is not None:
+                        cycle = frame.cycle if frame.cycle is not None else -1
+                        for event in tracker.update(frame.time_ns, r.normalized, r.is_anomaly, cycle, r):
+                            points.append(self._camera_event(event, frame.robot, frame.camera, model.name))
+                    if frame.cycle is not None:
+                        points += self.fusion.camera(
+                            frame.robot, frame.camera, frame.cycle, frame.time_ns, r.normalized, r.is_anomaly
+                        )
+                    r.frame = _without_pixels(frame)  # what is kept must not hold the image
+                self.stats.frame_batches += 1
+                self.stats.frames_scored += len(scored)
+                self.stats.frame_anomalies += sum(r.is_anomaly for r in scored)
+                if self.keep_results:
+                    self.stats.frame_results.extend(scored)
+            if done:  # the streams ended: resolve camera alerts still open
+                name = self.frame_model.name if self.frame_model is not None else ""
+                for key, tracker in self.camera_trackers.items():
+                    robot, camera = key.split("/", 1)
+                    last = tracker.open.last_ns if tracker.open is not None else 0
+                    for event in tracker.finish(last):
+                        points.append(self._camera_event(event, robot, camera, name))
+            await self._write(points, [d.ack for d in deliveries])
             if done:
                 return
+
+    def _camera_event(self, event: AlertEvent, robot: str, camera: str, model: str) -> Point:
+        if event.kind == "opened":
+            self.stats.camera_alerts += 1
+            self.stats.alerts += 1
+        elif event.kind == "updated":
+            self.stats.alert_updates += 1
+        else:
+            self.stats.alerts_resolved += 1
+            self.stats.recent_alerts.append(event.alert)
+        return camera_alert_point(event.view, robot, camera, model, event.time_ns)
 
     def _explain(self, events: list[tuple[AlertEvent, ModelState]]) -> list[Point]:
         """Each alert event as a point; the alert's peak window is localized (event time by Eq. 8.6,
@@ -584,9 +798,13 @@ class Pipeline:
                     alert, window, loc.maps[i], card.signals, dt_ns, model.name
                 )
 
+    def scored(self) -> int:
+        """Windows and frames scored so far (the watchdog's progress counter)."""
+        return self.stats.windows_scored + self.stats.frames_scored
+
     def moving(self, last_scored: int) -> bool:
-        """For the watchdog: windows were scored since `last_scored`, or nothing is waiting to be."""
-        return self.stats.windows_scored != last_scored or self.queue.empty()
+        """For the watchdog: windows or frames were scored since `last_scored`, or nothing is waiting."""
+        return self.scored() != last_scored or (self.queue.empty() and self.frame_queue.empty())
 
     def request_stop(self) -> None:
         """Graceful stop: sources stop reading; what is queued is still scored and written."""
@@ -595,6 +813,7 @@ class Pipeline:
 
     async def run(self, drain_timeout_s: float = 10.0) -> PipelineStats:
         consumer = asyncio.create_task(self._consume(), name="scorer")
+        frame_consumer = asyncio.create_task(self._consume_frames(), name="frame-scorer")
         self._producers = [
             asyncio.create_task(self._produce(source), name=f"source-{source.name}")
             for source in self.sources
@@ -602,14 +821,15 @@ class Pipeline:
         sweeper = asyncio.create_task(self._expire_idle(), name="idle-robots")
         try:
             producing = asyncio.gather(*self._producers, return_exceptions=True)
-            waiting: set[asyncio.Future[Any]] = {consumer, producing}
+            waiting: set[asyncio.Future[Any]] = {consumer, frame_consumer, producing}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if consumer.done():  # the scorer died: stop the sources instead of letting them wait forever
-                for task in self._producers:
-                    task.cancel()
-                await producing
-                consumer.result()  # raises the scorer's error
-                raise RuntimeError("the scorer stopped before the sources")
+            for scorer in (consumer, frame_consumer):
+                if scorer.done():  # a scorer died: stop the sources instead of letting them wait forever
+                    for task in self._producers:
+                        task.cancel()
+                    await producing
+                    scorer.result()  # raises the scorer's error
+                    raise RuntimeError("the scorer stopped before the sources")
             outcomes = await producing
             errors = [
                 o
@@ -620,9 +840,11 @@ class Pipeline:
                 raise errors[0]
             sweeper.cancel()
             await self.queue.put(None)
-            await consumer
+            await self.frame_queue.put(None)
+            await asyncio.gather(consumer, frame_consumer)
         except BaseException:
             consumer.cancel()
+            frame_consumer.cancel()
             raise
         finally:
             sweeper.cancel()
@@ -632,3 +854,9 @@ class Pipeline:
                 await source.aclose()
             self._inference.shutdown(wait=True)
         return self.stats
+
+
+def _without_pixels(frame: Frame) -> Frame:
+    import dataclasses
+
+    return dataclasses.replace(frame, image=np.empty((0, 0, 3), dtype=np.uint8))

@@ -70,7 +70,6 @@ def _voraus(src: Any, ctx: BuildContext) -> Source:
 
 
 def _kafka(src: Any, ctx: BuildContext) -> Source:
-    from daemon.commands.run import kafka_security
     from ingest.kafka import KafkaSource
 
     return KafkaSource(
@@ -90,7 +89,6 @@ def _kafka(src: Any, ctx: BuildContext) -> Source:
 
 
 def _mqtt(src: Any, ctx: BuildContext) -> Source:
-    from daemon.commands.run import mqtt_tls
     from ingest.mqtt import MqttSource
 
     return MqttSource(
@@ -150,7 +148,6 @@ def _video(src: Any, ctx: BuildContext) -> Source:
 
 
 def _mqtt_frames(src: Any, ctx: BuildContext) -> Source:
-    from daemon.commands.run import mqtt_tls
     from ingest.camera.brokers import MqttFrameSource
 
     return MqttFrameSource(
@@ -172,7 +169,6 @@ def _mqtt_frames(src: Any, ctx: BuildContext) -> Source:
 
 
 def _kafka_frames(src: Any, ctx: BuildContext) -> Source:
-    from daemon.commands.run import kafka_security
     from ingest.camera.brokers import KafkaFrameSource
 
     return KafkaFrameSource(
@@ -187,6 +183,42 @@ def _kafka_frames(src: Any, ctx: BuildContext) -> Source:
         max_bytes=int(src.max_frame_mb * 2**20),
         max_pixels=src.max_pixels,
     )
+
+
+def mqtt_tls(tls: Any) -> Any:
+    from ingest.mqtt import MqttTls
+
+    if tls is None:
+        return None
+    return MqttTls(
+        ca_file=str(tls.ca_file) if tls.ca_file else None,
+        cert_file=str(tls.cert_file) if tls.cert_file else None,
+        key_file=str(tls.key_file) if tls.key_file else None,
+    )
+
+
+def kafka_security(sec: Any) -> Any:
+    from ingest.kafka import KafkaSecurity
+
+    return KafkaSecurity(
+        protocol=sec.protocol,
+        ca_file=str(sec.ca_file) if sec.ca_file else None,
+        cert_file=str(sec.cert_file) if sec.cert_file else None,
+        key_file=str(sec.key_file) if sec.key_file else None,
+        sasl_mechanism=sec.sasl_mechanism,
+        username=sec.username,
+        password=secret(sec.password),
+    )
+
+
+def secret(ref: Any) -> str | None:
+    from daemon.logs import register_secret
+
+    if ref is None:
+        return None
+    value = ref.resolve()
+    register_secret(value)  # never in a log line, whatever a library prints
+    return str(value.get_secret_value())
 
 
 def _block(text: str) -> str:

@@ -126,9 +126,9 @@ def check(config_path: Path, *, timeout_s: float = 3.0, credentials_dir: Path | 
         elif (config_path.parent / "credentials").is_dir():
             credentials_dir = config_path.parent / "credentials"
     secrets = _secrets(config, credentials_dir, results)
-    card = _model(config, results)
-    if card is not None:
-        _replays(config, card, results)
+    models = _model(config, results)
+    if models is not None:
+        _replays(config, models, results)
     _paths(config, results)
     network = _network_checks(config, secrets, timeout_s)
     results.extend(asyncio.run(_run_all(network, timeout_s)))
@@ -162,43 +162,62 @@ def _secrets(config: Any, credentials_dir: Path | None, results: list[Result]) -
 
 
 def _model(config: Any, results: list[Result]) -> Any:
-    from flows.artifact import ModelFormatError, load_model
+    """Load every configured model as the daemon does (its kind from its card, one per kind)."""
+    from daemon.models import load_models
+    from flows.artifact import ModelFormatError
 
     try:
-        model = load_model(config.model.path)
+        models, _ = load_models(config)
     except (ModelFormatError, ValueError, OSError) as err:
         results.append(Result("model", False, str(err), "config"))
         return None
-    card = model.card
-    results.append(
-        Result(
-            "model",
-            True,
-            f"{config.model.path}: {card.mode} mode, {card.rate_hz:g} Hz, {len(card.signals)} signals, "
-            f"{card.time_steps} steps, threshold {card.threshold.value:.4g}",
+    if models.signals is not None:
+        card = models.signals.card
+        results.append(
+            Result(
+                "model",
+                True,
+                f"{models.signals.name}: MVT-Flow, {card.mode} mode, {card.rate_hz:g} Hz, "
+                f"{len(card.signals)} signals, {card.time_steps} steps, threshold {card.threshold.value:.4g}",
+            )
         )
-    )
-    return card
+    if models.frames is not None:
+        card = models.frames.card
+        height, width = card.input_size
+        results.append(
+            Result(
+                "model",
+                True,
+                f"{models.frames.name}: AST, {height}x{width} input, threshold {card.threshold.value:.4g}",
+            )
+        )
+    return models
 
 
-def _replays(config: Any, card: Any, results: list[Result]) -> None:
-    """Each replay file opens and fits the model (signals, rate): the daemon's own start-up checks."""
+BROKER_SOURCES = ("kafka", "mqtt", "kafka_frames", "mqtt_frames")
+
+
+def _replays(config: Any, models: Any, results: list[Result]) -> None:
+    """Each source can be built for the configured models (a replay file opens and fits the signal model's
+    signals and rate; a camera source has an image model): the daemon's own start-up checks."""
     from daemon.cli_support import UsageError
     from daemon.commands.run import build_sources, close_unstarted
-    from daemon.config import VorausReplaySource
 
     for i, src in enumerate(config.sources):
-        if not isinstance(src, VorausReplaySource):
-            continue
-        name = f"sources[{i}] voraus_replay {src.robot}"
+        if src.type in BROKER_SOURCES:
+            continue  # their secrets and brokers are checked below
+        name = f"sources[{i}] {src.type}" + (f" {src.robot}" if hasattr(src, "robot") else "")
         try:
-            sources, _ = build_sources(config.model_copy(update={"sources": [src]}), card)
+            sources = build_sources(config.model_copy(update={"sources": [src]}), models)
         except UsageError as err:
             results.append(Result(name, False, str(err), "config"))
             continue
-        rate = sources[0].reader.rate_hz
+        reader = getattr(sources[0], "reader", None)
         close_unstarted(sources)
-        results.append(Result(name, True, f"{src.path}: {rate:g} Hz, signals match the model"))
+        if reader is not None:
+            results.append(Result(name, True, f"{src.path}: {reader.rate_hz:g} Hz, signals match the model"))
+        else:
+            results.append(Result(name, True, f"{sources[0].name}: ready"))
 
 
 def _paths(config: Any, results: list[Result]) -> None:
@@ -224,17 +243,18 @@ Check = tuple[str, Callable[[], Awaitable[str]]]
 
 
 def _network_checks(config: Any, secrets: dict[str, str | None], timeout_s: float) -> list[Check]:
-    from daemon.config import KafkaSource, MqttSource
+    from daemon.config import KafkaFramesSource, KafkaSource, MqttFramesSource, MqttSource
 
     checks: list[Check] = []
     for i, src in enumerate(config.sources):
-        if isinstance(src, MqttSource):
+        if isinstance(src, MqttSource | MqttFramesSource):
             pw = secrets.get(f"sources[{i}].password")
-            checks.append((f"sources[{i}] mqtt {src.host}:{src.port}", _mqtt(src, pw, timeout_s)))
-        elif isinstance(src, KafkaSource):
+            checks.append((f"sources[{i}] {src.type} {src.host}:{src.port}", _mqtt(src, pw, timeout_s)))
+        elif isinstance(src, KafkaSource | KafkaFramesSource):
             pw = secrets.get(f"sources[{i}].security.password")
-            topics = [src.topic] + ([src.dead_letter_topic] if src.dead_letter_topic else [])
-            name = f"sources[{i}] kafka {','.join(src.bootstrap)}"
+            dead = getattr(src, "dead_letter_topic", None)
+            topics = [src.topic] + ([dead] if dead else [])
+            name = f"sources[{i}] {src.type} {','.join(src.bootstrap)}"
             checks.append((name, _kafka(src.bootstrap, src.client_id, src.security, pw, topics, timeout_s)))
     sinks = config.sinks
     if sinks.influxdb is not None:
@@ -270,10 +290,10 @@ def _mqtt(cfg: Any, password: str | None, timeout_s: float) -> Callable[[], Awai
     async def probe() -> str:
         import aiomqtt
 
-        from daemon.commands.run import _mqtt_tls
+        from daemon.sources import mqtt_tls
 
         try:
-            tls = _mqtt_tls(cfg.tls)
+            tls = mqtt_tls(cfg.tls)
             context = tls.context() if tls else None
         except (OSError, ValueError) as err:
             raise Failure("config", f"TLS files: {err}") from None
@@ -318,10 +338,10 @@ def _kafka(
         from aiokafka.client import AIOKafkaClient
         from aiokafka.errors import KafkaError
 
-        from daemon.commands.run import _kafka_security
+        from daemon.sources import kafka_security
 
         try:
-            options = _kafka_security(security.model_copy(update={"password": None})).options()
+            options = kafka_security(security.model_copy(update={"password": None})).options()
         except (OSError, ValueError) as err:
             raise Failure("config", f"TLS files: {err}") from None
         if password is not None:

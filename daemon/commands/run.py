@@ -28,15 +28,27 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--config", required=True, type=Path, help="YAML config (see examples/)")
     p.set_defaults(func=run_config)
-    r = sub.add_parser("replay", help="replay a voraus-AD file through the pipeline (shortcut for run)")
-    r.add_argument("file", type=Path, help="voraus-AD parquet file")
+    r = sub.add_parser(
+        "replay",
+        help="replay a voraus-AD file or a folder of images through the pipeline (shortcut for run)",
+        description=(
+            "Score recorded data through the daemon's own pipeline, as if it came live: a voraus-AD parquet "
+            "file with an MVT-Flow model, or a folder of PNG/JPEG images (an MVTec-layout folder: its test "
+            "split) with an AST model. Points go to a JSON-lines file (and InfluxDB with --influx-url)."
+        ),
+    )
+    r.add_argument("file", type=Path, help="voraus-AD parquet file, or a folder of images")
     r.add_argument("--model", required=True, type=Path)
     r.add_argument("--robot", default="robot1")
+    r.add_argument("--camera", default="cam1", help="images: the camera id of the frames")
     r.add_argument("--speed", type=float, default=1.0, help="x real time (e.g. 100); 'inf' for no pacing")
     r.add_argument("--out", type=Path, default=Path("scores.jsonl"), help="local JSON-lines sink")
     r.add_argument("--influx-url", help="also write to InfluxDB (v1 /write endpoint)")
     r.add_argument("--influx-db", default="cellwatch")
     r.add_argument("--all-cycles", action="store_true", help="replay training cycles too")
+    r.add_argument(
+        "--overlays", type=Path, default=Path("overlays"), help="images: where overlays of anomalies go"
+    )
     r.set_defaults(func=run_replay)
 
 
@@ -53,18 +65,23 @@ def run_config(args: argparse.Namespace) -> int:
 def run_replay(args: argparse.Namespace) -> int:
     from daemon.config import ConfigError, parse_config
 
+    source: dict[str, Any]
+    if args.file.is_dir():
+        source = {"type": "image_folder", "mode": "replay", "robot": args.robot, "camera": args.camera}
+        source["path"] = str(args.file)
+    else:
+        source = {
+            "type": "voraus_replay",
+            "robot": args.robot,
+            "path": str(args.file),
+            "speed": args.speed,
+            "test_split_only": not args.all_cycles,
+        }
     data: dict[str, Any] = {
-        "sources": [
-            {
-                "type": "voraus_replay",
-                "robot": args.robot,
-                "path": str(args.file),
-                "speed": args.speed,
-                "test_split_only": not args.all_cycles,
-            }
-        ],
+        "sources": [source],
         "model": {"path": str(args.model)},
         "sinks": {"file": {"path": str(args.out)}},
+        "overlays": {"dir": str(args.overlays)},
     }
     if args.influx_url:
         data["sinks"]["influxdb"] = {"url": args.influx_url, "database": args.influx_db, "spool_dir": "spool"}
@@ -75,58 +92,58 @@ def run_replay(args: argparse.Namespace) -> int:
     return execute(config)
 
 
-def build_sources(config: Any, card: Any) -> tuple[list[Any], dict[str, int]]:
-    """The configured sources (not started yet) and the replay sources' start timestamps."""
-    from daemon.config import ConfigError, KafkaSource, MqttSource
+def build_sources(config: Any, models: Any) -> list[Any]:
+    """The configured sources (not started yet), each built by its `type:` (daemon/sources.py). A source
+    whose kind of data has no model, or a replayed file at another rate than the signal model's, is a
+    start-up error naming the source."""
+    from daemon.config import ConfigError
+    from daemon.sources import BuildContext, build_source, kind_of, secret
     from ingest.errors import IngestError
     from ingest.voraus.schema import RATE_TOLERANCE, rate_matches
-    from ingest.voraus.source import VorausReplaySource
 
+    card = models.signals.card if models.signals is not None else None
+    ctx = BuildContext(signals=list(card.signals) if card is not None else None, secret=secret)
     sources: list[Any] = []
-    start_ns: dict[str, int] = {}
-    divider = int(card.training.get("rate_divider", 1))
     try:
-        for src in config.sources:
-            if isinstance(src, KafkaSource):
-                sources.append(_kafka(src, card))
-                continue
-            if isinstance(src, MqttSource):
-                sources.append(_mqtt(src, card))
-                continue
-            source = VorausReplaySource(
-                src.path, src.robot, card.signals, speed=src.speed, test_split_only=src.test_split_only
-            )
-            sources.append(source)
-            # real files are not exactly on the nominal clock (voraus-AD 100 Hz: 99.3 Hz measured)
-            measured = source.reader.measured_rate_hz
-            wanted = card.rate_hz * divider
-            if measured is None or not rate_matches(measured, wanted):
-                shown = "unknown" if measured is None else f"{measured:.4g} Hz"
+        for i, src in enumerate(config.sources):
+            kind = kind_of(src)
+            if (kind == "signals" and models.signals is None) or (kind == "frames" and models.frames is None):
+                wanted = "an MVT-Flow (signals)" if kind == "signals" else "an AST (camera frames)"
                 raise ValueError(
-                    f"{src.path}: sampling rate {shown} (nominal {source.reader.rate_hz} Hz) is not within "
-                    f"±{RATE_TOLERANCE:.0%} of the model's {card.rate_hz:g} Hz × divider {divider} = "
-                    f"{wanted:g} Hz"
+                    f"sources[{i}] ({src.type}) needs {wanted} model in `models`; none is configured"
                 )
-            start = src.start.timestamp() if src.start else int(src.path.stat().st_mtime)
-            start_ns[src.robot] = int(start * 1e9)
+            source = build_source(src, ctx)
+            sources.append(source)
+            reader = getattr(source, "reader", None)
+            if src.type == "voraus_replay" and reader is not None and card is not None:
+                # real files are not exactly on the nominal clock (voraus-AD 100 Hz: 99.3 Hz measured)
+                divider = int(card.training.get("rate_divider", 1))
+                measured = reader.measured_rate_hz
+                wanted_hz = card.rate_hz * divider
+                if measured is None or not rate_matches(measured, wanted_hz):
+                    shown = "unknown" if measured is None else f"{measured:.4g} Hz"
+                    raise ValueError(
+                        f"{src.path}: sampling rate {shown} (nominal {reader.rate_hz} Hz) is not within "
+                        f"±{RATE_TOLERANCE:.0%} of the model's {card.rate_hz:g} Hz × divider {divider} = "
+                        f"{wanted_hz:g} Hz"
+                    )
     except (IngestError, OSError, ConfigError, ValueError) as err:
         close_unstarted(sources)
         raise UsageError(str(err)) from err
-    return sources, start_ns
+    return sources
 
 
 def close_unstarted(sources: list[Any]) -> None:
-    """Start-up failed: release what the sources opened (replay readers; stream sources open nothing
-    before `start()`)."""
+    """Start-up failed: release what the sources opened before `start()` (replay readers)."""
     for source in sources:
-        if hasattr(source, "close"):
-            source.close()
+        source.close()
 
 
 def build_feeds(config: Any) -> list[Any]:
     """The optional publish-back sinks (MQTT, Kafka): scores and alerts as a live feed."""
     from daemon.sinks.kafka import KafkaPublishSink
     from daemon.sinks.mqtt import MqttPublishSink
+    from daemon.sources import kafka_security, mqtt_tls, secret
 
     feeds: list[Any] = []
     mqtt, kafka = config.sinks.mqtt, config.sinks.kafka
@@ -141,8 +158,8 @@ def build_feeds(config: Any) -> list[Any]:
                 qos=mqtt.qos,
                 retain=mqtt.retain,
                 username=mqtt.username,
-                password=_secret(mqtt.password),
-                tls_context=tls.context() if (tls := _mqtt_tls(mqtt.tls)) else None,
+                password=secret(mqtt.password),
+                tls_context=tls.context() if (tls := mqtt_tls(mqtt.tls)) else None,
                 queue_points=mqtt.queue_points,
             )
         )
@@ -153,88 +170,11 @@ def build_feeds(config: Any) -> list[Any]:
                 score_topic=kafka.score_topic,
                 alert_topic=kafka.alert_topic,
                 client_id=kafka.client_id,
-                security_options=_kafka_security(kafka.security).options(),
+                security_options=kafka_security(kafka.security).options(),
                 queue_points=kafka.queue_points,
             )
         )
     return feeds
-
-
-def _mqtt_tls(tls: Any) -> Any:
-    from ingest.mqtt import MqttTls
-
-    if tls is None:
-        return None
-    return MqttTls(
-        ca_file=str(tls.ca_file) if tls.ca_file else None,
-        cert_file=str(tls.cert_file) if tls.cert_file else None,
-        key_file=str(tls.key_file) if tls.key_file else None,
-    )
-
-
-def _kafka_security(sec: Any) -> Any:
-    from ingest.kafka import KafkaSecurity
-
-    return KafkaSecurity(
-        protocol=sec.protocol,
-        ca_file=str(sec.ca_file) if sec.ca_file else None,
-        cert_file=str(sec.cert_file) if sec.cert_file else None,
-        key_file=str(sec.key_file) if sec.key_file else None,
-        sasl_mechanism=sec.sasl_mechanism,
-        username=sec.username,
-        password=_secret(sec.password),
-    )
-
-
-def _secret(ref: Any) -> str | None:
-    from daemon.logs import register_secret
-
-    if ref is None:
-        return None
-    value = ref.resolve()
-    register_secret(value)  # never in a log line, whatever a library prints
-    return str(value.get_secret_value())
-
-
-def _kafka(src: Any, card: Any) -> Any:
-    from ingest.kafka import KafkaSource
-
-    return KafkaSource(
-        bootstrap=src.bootstrap,
-        topic=src.topic,
-        group=src.group,
-        signals=card.signals,
-        client_id=src.client_id,
-        security=_kafka_security(src.security),
-        dead_letter_topic=src.dead_letter_topic,
-        dead_letter_queue=src.dead_letter_queue,
-        max_message_bytes=src.max_message_bytes,
-        start_from=src.start_from,
-        queue_messages=src.queue_messages,
-        session_timeout_ms=src.session_timeout_ms,
-    )
-
-
-def _mqtt(src: Any, card: Any) -> Any:
-    from ingest.mqtt import MqttSource
-
-    return MqttSource(
-        host=src.host,
-        port=src.port,
-        topic=src.topic,
-        client_id=src.client_id,
-        signals=card.signals,
-        username=src.username,
-        password=_secret(src.password),
-        tls=_mqtt_tls(src.tls),
-        session_expiry_s=src.session_expiry_s,
-        receive_maximum=src.receive_maximum,
-        max_message_bytes=src.max_message_bytes,
-        reconnect_min_s=src.reconnect_min_s,
-        reconnect_max_s=src.reconnect_max_s,
-        connect_retry_s=src.connect_retry_s,
-        max_queued_qos0=src.max_queued_qos0,
-    )
 
 
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a broker or database is unreachable at start-up; worth a restart
@@ -251,71 +191,94 @@ def robot_limits(config: Any) -> Any:
     )
 
 
-def prepare_reload(config: Any, config_path: Path | None, card: Any, sources: list[Any]) -> tuple[Any, Any]:
-    """The reload's slow part, on a worker thread: read and check the config, load the model and build
-    its scorer (weights on the device). Returns (config, scorer); raises ConfigError, ModelFormatError
-    or ValueError, and then nothing changes."""
+def prepare_reload(
+    config: Any, config_path: Path | None, running: Any, sources: list[Any]
+) -> tuple[Any, Any]:
+    """The reload's slow part, on a worker thread: read and check the config, load the models and build
+    their scorers (weights on the device). Returns (config, (models, batches)); raises ConfigError,
+    ModelFormatError or ValueError, and then nothing changes. The kinds of models must stay as they are
+    (the sources were built for them), a signal model must read the same signals."""
     from daemon.config import load_config
-    from flows.artifact import load_model
-    from flows.scorer import Scorer
+    from daemon.models import load_models
     from ingest.voraus.schema import rate_matches
 
     fresh_config = load_config(config_path) if config_path is not None else config
-    fresh = load_model(fresh_config.model.path, expect_signals=card.signals)
-    divider = int(fresh.card.training.get("rate_divider", 1))
-    for source in sources:  # replayed files keep their rate: the new model must fit it (as at start)
-        measured = getattr(getattr(source, "reader", None), "measured_rate_hz", None)
-        if measured is not None and not rate_matches(measured, fresh.card.rate_hz * divider):
+    expect = list(running.signals.card.signals) if running.signals is not None else None
+    models, batches = load_models(fresh_config, expect_signals=expect)
+    for kind in ("signals", "frames"):
+        if (getattr(models, kind) is None) != (getattr(running, kind) is None):
             raise ValueError(
-                f"the new model scores {fresh.card.rate_hz:g} Hz, but {source.name} replays "
-                f"{measured:.4g} Hz / divider {divider}"
+                f"the reloaded config changes which kinds of models run ({kind}); restart instead"
             )
-    scorer = Scorer(fresh, device=fresh_config.scoring.device, bf16=fresh_config.scoring.bf16)
-    return fresh_config, scorer
+    if models.signals is not None:
+        card = models.signals.card
+        divider = int(card.training.get("rate_divider", 1))
+        for source in sources:  # replayed files keep their rate: the new model must fit it (as at start)
+            measured = getattr(getattr(source, "reader", None), "measured_rate_hz", None)
+            if measured is not None and not rate_matches(measured, card.rate_hz * divider):
+                raise ValueError(
+                    f"the new model scores {card.rate_hz:g} Hz, but {source.name} replays "
+                    f"{measured:.4g} Hz / divider {divider}"
+                )
+    return fresh_config, (models, batches)
 
 
-def apply_reload(pipeline: Any, old_config: Any, fresh_config: Any, scorer: Any) -> None:
-    """On the event loop, between batches: model (scaler and weights together), model tag, scoring
-    batch and wait, alert settings and robot limits apply at once; changed sources, sinks or metrics
+def apply_reload(pipeline: Any, old_config: Any, fresh_config: Any, loaded: Any) -> None:
+    """On the event loop, between batches: models (scaler and weights together), model tags, scoring
+    batches and wait, alert settings and robot limits apply at once; changed sources, sinks or metrics
     need a restart (said in the log)."""
-    pipeline.swap_model(scorer, Path(fresh_config.model.path).name)
-    pipeline.batch = fresh_config.scoring.batch
+    models, batches = loaded
+    if models.signals is not None:
+        pipeline.swap_model(models.signals.scorer, models.signals.name)
+    if models.frames is not None:
+        pipeline.swap_frame_model(models.frames)
+    pipeline.batch = batches["signals"]
+    pipeline.frame_batch = batches["frames"]
     pipeline.max_wait_s = fresh_config.scoring.max_wait_ms / 1000
     pipeline.alert_options = fresh_config.alerts.model_dump()
     pipeline.limits = robot_limits(fresh_config)
-    for tracker in pipeline.trackers.values():
+    for tracker in [*pipeline.trackers.values(), *pipeline.camera_trackers.values()]:
         tracker.reconfigure(**pipeline.alert_options)
     restart = [
         name
-        for name in ("sources", "sinks", "metrics", "state_dir")
+        for name in ("sources", "sinks", "metrics", "state_dir", "overlays")
         if getattr(fresh_config, name) != getattr(old_config, name)
     ]
     if restart:
         log.warning("reloaded; changes to %s take effect on restart", ", ".join(restart))
-    card = scorer.card
-    log.info(
-        "reloaded config and model %s (threshold %.4g, mode %s)",
-        fresh_config.model.path,
-        card.threshold.value,
-        card.mode,
-    )
+    for model in (models.signals, models.frames):
+        if model is not None:
+            log.info("reloaded config and model %s (threshold %.4g)", model.name, model.card.threshold.value)
 
 
 def execute(config: Any, config_path: Path | None = None) -> int:
     from daemon.config import ConfigError
     from daemon.metrics import MetricsServer
+    from daemon.models import load_models
     from daemon.pipeline import FileSink, Pipeline, Sink
     from daemon.sinks.influx import InfluxSink, target_from_config
-    from flows.artifact import ModelFormatError, load_model
-    from flows.scorer import Scorer
+    from flows.artifact import ModelFormatError
     from ingest.stream import SourceUnavailable
 
     try:
-        model = load_model(config.model.path)
-        scorer = Scorer(model, device=config.scoring.device, bf16=config.scoring.bf16)
+        models, batches = load_models(config)
     except (ModelFormatError, ValueError) as err:
         raise UsageError(str(err)) from err
-    sources, start_ns = build_sources(config, model.card)
+    sources = build_sources(config, models)
+    overlays = None
+    if models.frames is not None:
+        from daemon.overlays import OverlayStore
+
+        try:
+            overlays = OverlayStore(
+                config.overlays.dir,
+                max_files=config.overlays.max_files,
+                max_bytes=max(int(config.overlays.max_mb * 2**20), 1),
+            )
+        except OSError as err:
+            close_unstarted(sources)
+            raise UsageError(f"overlays.dir: {config.overlays.dir}: {err}") from err
+    names = ", ".join(m.name for m in (models.signals, models.frames) if m is not None)
     sinks: list[Sink] = []
     if config.sinks.file is not None:
         file = config.sinks.file
@@ -342,14 +305,14 @@ def execute(config: Any, config_path: Path | None = None) -> int:
             raise UsageError(f"sinks.influxdb.spool_dir: {err}") from err
     pipeline = Pipeline(
         sources,
-        scorer,
+        models,
         sinks,
-        model_name=Path(config.model.path).name,
-        start_ns=start_ns,
-        batch=config.scoring.batch,
+        batch=batches["signals"],
+        frame_batch=batches["frames"],
         max_wait_ms=config.scoring.max_wait_ms,
         alerts=config.alerts.model_dump(),
         limits=robot_limits(config),
+        overlays=overlays,
     )
 
     async def main() -> Any:
@@ -369,9 +332,8 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         started = []
         try:
             for source in sources:
-                if hasattr(source, "start"):
-                    await source.start()
-                    started.append(source)
+                await source.start()
+                started.append(source)
         except SourceUnavailable:
             for source in started:
                 await source.aclose()
@@ -406,10 +368,8 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         async def reload_async() -> None:
             nonlocal config
             try:
-                fresh, scorer = await asyncio.to_thread(
-                    prepare_reload, config, config_path, model.card, sources
-                )
-                apply_reload(pipeline, config, fresh, scorer)
+                fresh, loaded = await asyncio.to_thread(prepare_reload, config, config_path, models, sources)
+                apply_reload(pipeline, config, fresh, loaded)
                 config = fresh
             except (ConfigError, ModelFormatError, ValueError, OSError) as err:
                 log.error("reload failed, keeping the running config and model: %s", err)
@@ -419,14 +379,14 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop)
         loop.add_signal_handler(signal.SIGINT, stop)
         loop.add_signal_handler(signal.SIGHUP, reload)
-        notifier.ready(status=f"scoring {len(sources)} source(s) with {Path(config.model.path).name}")
+        notifier.ready(status=f"scoring {len(sources)} source(s) with {names}")
 
         async def watchdog() -> None:
             """WATCHDOG=1 while the pipeline moves, or while it waits on a sink whose delivery loop is
             alive and retrying (an outage: backpressure, not a hang); STATUS= whenever that changes."""
             interval = notifier.watchdog_interval_s or 1.0
             last = -1
-            shown = f"scoring {len(sources)} source(s) with {Path(config.model.path).name}"  # READY's
+            shown = f"scoring {len(sources)} source(s) with {names}"  # READY's
             while True:
                 health = [sink.status() for sink in sinks if isinstance(sink, InfluxSink)]
                 waiting = any(h.waiting for h in health)
@@ -437,7 +397,7 @@ def execute(config: Any, config_path: Path | None = None) -> int:
                 if status != shown:
                     notifier.status(status)
                     shown = status
-                last = pipeline.stats.windows_scored
+                last = pipeline.scored()
                 await asyncio.sleep(interval)
 
         dog = asyncio.create_task(watchdog()) if notifier.enabled else None
@@ -473,11 +433,20 @@ def execute(config: Any, config_path: Path | None = None) -> int:
             console.print(f"cellwatch: source unavailable: {err}")
         return EXIT_UNAVAILABLE
     capped = f"; {stats.capped} non-finite scores capped" if stats.capped else ""
-    console.print(
-        f"scored {stats.windows_scored} windows from {stats.cycles_in} cycles of {len(stats.robots)} "
-        f"robot(s): {stats.anomalies} over the threshold{capped}; inference {stats.inference_seconds:.1f} s "
-        f"in {stats.batches} batches; {stats.alerts} alerts"
-    )
+    if models.signals is not None:
+        console.print(
+            f"scored {stats.windows_scored} windows from {stats.cycles_in} cycles of {len(stats.robots)} "
+            f"robot(s): {stats.anomalies} over the threshold{capped}; inference "
+            f"{stats.inference_seconds:.1f} s in {stats.batches} batches; "
+            f"{stats.alerts - stats.camera_alerts} alerts"
+        )
+    if models.frames is not None:
+        console.print(
+            f"scored {stats.frames_scored} frames from {len(stats.cameras)} camera(s): "
+            f"{stats.frame_anomalies} over the threshold ({stats.overlays} overlays saved in "
+            f"{config.overlays.dir}); inference {stats.frame_inference_seconds:.1f} s in "
+            f"{stats.frame_batches} batches; {stats.camera_alerts} alerts"
+        )
     if stats.recent_alerts:
         from rich.table import Table
 
@@ -525,6 +494,16 @@ def collect_metrics(
         ("cellwatch_queue_depth", "gauge", {}, pipeline.queue.qsize()),
         ("cellwatch_inference_seconds_total", "counter", {}, stats.inference_seconds),
         ("cellwatch_inference_batches_total", "counter", {}, stats.batches),
+        ("cellwatch_frames_in_total", "counter", {}, stats.frames_in),
+        ("cellwatch_frames_scored_total", "counter", {}, stats.frames_scored),
+        ("cellwatch_anomalous_frames_total", "counter", {}, stats.frame_anomalies),
+        ("cellwatch_frame_inference_seconds_total", "counter", {}, stats.frame_inference_seconds),
+        ("cellwatch_frame_batches_total", "counter", {}, stats.frame_batches),
+        ("cellwatch_camera_alerts_total", "counter", {}, stats.camera_alerts),
+        ("cellwatch_overlays_saved_total", "counter", {}, stats.overlays),
+        ("cellwatch_cycles_fused_total", "counter", {}, pipeline.fusion.fused),
+        ("cellwatch_frame_queue_depth", "gauge", {}, pipeline.frame_queue.qsize()),
+        ("cellwatch_cameras", "gauge", {}, len(pipeline.camera_trackers)),
     ]
     out.append(("cellwatch_messages_in_total", "counter", {}, stats.messages_in))
     names = {source.name for source in sources}
@@ -542,9 +521,7 @@ def collect_metrics(
             out.append(
                 ("cellwatch_rejects_total", "counter", {"source": source.name, "reason": reason}, count)
             )
-        samples = getattr(source, "metric_samples", None)
-        if samples is not None:  # the source's own gauges and counters (Kafka, MQTT)
-            out.extend(samples())
+        out.extend(source.metric_samples())  # the source's own gauges and counters
     for sink in sinks:
         feed: Any = getattr(sink, "stats", None)
         if feed is not None and hasattr(feed, "dropped"):  # publish-back feeds
