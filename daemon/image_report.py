@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from daemon.cli_support import UsageError, console, progress
 from daemon.image_jobs import ScoredSet
+from daemon.overlays import MAP_ALPHA, MAP_CMAP  # one colour mapping for report and overlays
 from daemon.report import (
     CSS,
     DPI,
@@ -36,8 +37,6 @@ from daemon.report import (
 )
 
 GOOD = "good"
-MAP_CMAP = "turbo"
-MAP_ALPHA = 0.75  # opacity of the heat map where it reaches the top of the colour scale
 SCORE_LABEL = "image score (AST map, student–teacher distance)"
 
 
