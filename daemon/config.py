@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_CONFIG_BYTES = 1 * 2**20
 MAX_SECRET_BYTES = 64 * 2**10
@@ -174,7 +182,10 @@ class ImageFolderSource(_Camera):
     mode: Literal["watch", "replay"] = "watch"
     poll_s: float = Field(default=0.5, gt=0, le=60, description="watch: how often the folder is listed")
     settle_s: float = Field(
-        default=0.5, ge=0, le=60, description="watch: a file is read once its size is unchanged this long"
+        default=0.5,
+        ge=0,
+        le=60,
+        description="watch: a file is read once its size and modification time are unchanged this long",
     )
     interval_s: float = Field(
         default=1.0, gt=0, le=86_400, description="replay: data time between frames (their timestamps)"
@@ -188,16 +199,17 @@ class ImageFolderSource(_Camera):
         r"(e.g. 'cycle(?P<cycle>\d+)'): the voraus cycle the frame belongs to",
     )
 
-    @model_validator(mode="after")
-    def _pattern(self) -> ImageFolderSource:
-        if self.cycle_pattern is not None:
+    @field_validator("cycle_pattern")
+    @classmethod
+    def _pattern(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
             try:
-                compiled = re.compile(self.cycle_pattern)
+                compiled = re.compile(pattern)
             except re.error as err:
-                raise ValueError(f"cycle_pattern is not a regular expression: {err}") from None
+                raise ValueError(f"not a regular expression: {err}") from None
             if "cycle" not in compiled.groupindex:
-                raise ValueError("cycle_pattern needs a group named 'cycle', e.g. (?P<cycle>\\d+)")
-        return self
+                raise ValueError("needs a group named 'cycle', e.g. (?P<cycle>\\d+)")
+        return pattern
 
 
 class VideoSource(_Camera):
@@ -240,18 +252,17 @@ class MqttFramesSource(_Camera):
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
     connect_retry_s: float = Field(default=60.0, ge=0, le=86_400)
 
-    @model_validator(mode="after")
-    def _template(self) -> MqttFramesSource:
-        levels = self.topic.split("/")
+    @field_validator("topic")
+    @classmethod
+    def _template(cls, topic: str) -> str:
+        levels = topic.split("/")
         if levels.count("{robot}") != 1 or levels.count("{camera}") != 1:
+            raise ValueError(f"topic needs the levels {{robot}} and {{camera}}, once each (got {topic!r})")
+        if any(c in topic for c in "+#"):
             raise ValueError(
-                f"topic needs the levels {{robot}} and {{camera}}, once each (got {self.topic!r})"
+                f"topic is a template with {{robot}} and {{camera}}, not a filter (got {topic!r})"
             )
-        if any(c in self.topic for c in "+#"):
-            raise ValueError(
-                f"topic is a template with {{robot}} and {{camera}}, not a filter (got {self.topic!r})"
-            )
-        return self
+        return topic
 
 
 class KafkaFramesSource(_Strict):

@@ -46,7 +46,8 @@ class FrameModel:
         return self.scorer.card
 
     def prepare(self, frame: Frame) -> np.ndarray:
-        """The frame as the model sees it: resized to its input size as `cellwatch evaluate` resizes."""
+        """The frame at the model's input size, for the overlay (the model resizes what it scores itself,
+        on the device, as in training and `cellwatch evaluate`)."""
         return resize_image(frame.image, tuple(self.card.input_size))
 
 

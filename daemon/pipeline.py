@@ -657,16 +657,25 @@ class Pipeline:
         return batch, False
 
     def _score_frames(self, model: FrameModel, frames: list[Frame]) -> list[ScoredFrame]:
-        """On the inference thread: resize as `evaluate` does, score, save the overlays of anomalies."""
+        """On the inference thread: score (frames of one size together; the model resizes them to its
+        input as `evaluate` and training do), then save the overlays of the frames over the threshold."""
         started = time.perf_counter()
-        prepared = np.stack([model.prepare(f) for f in frames])
-        scores = model.scorer.score(prepared)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, frame in enumerate(frames):
+            by_size.setdefault(frame.image.shape, []).append(i)
+        raw = np.zeros(len(frames))
+        normalized = np.zeros(len(frames))
+        flagged = np.zeros(len(frames), dtype=bool)
+        maps: list[Any] = [None] * len(frames)
+        for indices in by_size.values():
+            scores = model.scorer.score(np.stack([frames[i].image for i in indices]))
+            for j, i in enumerate(indices):
+                raw[i], normalized[i], flagged[i] = scores.raw[j], scores.normalized[j], scores.is_anomaly[j]
+                maps[i] = scores.maps[j]
         threshold = float(model.card.threshold.value)
         out = []
         for i, frame in enumerate(frames):
-            result = ScoredFrame(
-                frame, float(scores.raw[i]), float(scores.normalized[i]), bool(scores.is_anomaly[i])
-            )
+            result = ScoredFrame(frame, float(raw[i]), float(normalized[i]), bool(flagged[i]))
             if result.is_anomaly and self.overlays is not None:
                 try:
                     result.overlay = self.overlays.save(
@@ -674,8 +683,8 @@ class Pipeline:
                         frame.camera,
                         frame.time_ns,
                         frame.seq,
-                        prepared[i],
-                        np.asarray(scores.maps[i]),
+                        model.prepare(frame),
+                        np.asarray(maps[i]),
                         threshold,
                     )
                     self.stats.overlays += 1
