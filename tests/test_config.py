@@ -31,7 +31,8 @@ def with_(**changes: object) -> dict:
 def test_every_sample_config_loads(path: Path) -> None:
     config = load_config(path)
     assert config.sources
-    assert config.model.path.is_absolute()
+    assert config.model_list
+    assert all(m.path.is_absolute() for m in config.model_list)
 
 
 def test_there_are_samples() -> None:

@@ -21,8 +21,10 @@ def add_parser(sub: Any) -> None:
             "The monitoring daemon: sources -> windows -> model -> sinks, with alerts and metrics. "
             "Sample configs to start from, each loaded by the tests: examples/replay-local.yaml (a "
             "file replayed into a local JSON-lines file), examples/replay-influx.yaml, "
-            "examples/mqtt-local.yaml, examples/kafka-influx.yaml, examples/service.yaml (what "
-            "install-service installs). Check one first with: cellwatch check --config FILE. "
+            "examples/mqtt-local.yaml, examples/kafka-influx.yaml, examples/cell-and-camera.yaml (signals "
+            "and camera frames, two models), examples/service.yaml (what install-service installs). "
+            "Source types: voraus_replay, kafka, mqtt (signals); image_folder, video, mqtt_frames, "
+            "kafka_frames (camera frames). Check one first with: cellwatch check --config FILE. "
             "Exit status: 0 done, 2 a config/model error, 75 a broker or database unreachable at start."
         ),
     )
