@@ -18,7 +18,6 @@ from daemon.alerts import Alert
 from daemon.layout import ALERT_MEASUREMENT, CYCLE_MEASUREMENT, IMAGE_SCORE_MEASUREMENT
 from daemon.sinks.lineprotocol import Point
 from flows.scorer import NORMALIZED_CAP
-from ingest.images import resize_image
 from ingest.source import Frame
 
 FUSED_CYCLES_PER_ROBOT = 64  # cycles a robot's fused view waits for the other half of (oldest forgotten)
@@ -44,11 +43,6 @@ class FrameModel:
     @property
     def card(self) -> Any:
         return self.scorer.card
-
-    def prepare(self, frame: Frame) -> np.ndarray:
-        """The frame at the model's input size, for the overlay (the model resizes what it scores itself,
-        on the device, as in training and `cellwatch evaluate`)."""
-        return resize_image(frame.image, tuple(self.card.input_size))
 
 
 @dataclass

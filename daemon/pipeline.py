@@ -249,6 +249,7 @@ class OverlayWriter(Protocol):
         image: np.ndarray,
         anomaly_map: np.ndarray,
         threshold: float,
+        reference: float = 0.0,
     ) -> str: ...
 
 
@@ -673,6 +674,7 @@ class Pipeline:
                 raw[i], normalized[i], flagged[i] = scores.raw[j], scores.normalized[j], scores.is_anomaly[j]
                 maps[i] = scores.maps[j]
         threshold = float(model.card.threshold.value)
+        reference = float(model.card.threshold.reference)
         out = []
         for i, frame in enumerate(frames):
             result = ScoredFrame(frame, float(raw[i]), float(normalized[i]), bool(flagged[i]))
@@ -683,12 +685,13 @@ class Pipeline:
                         frame.camera,
                         frame.time_ns,
                         frame.seq,
-                        model.prepare(frame),
+                        frame.image,  # the camera's own picture: the overlay keeps its aspect ratio
                         np.asarray(maps[i]),
                         threshold,
+                        reference,
                     )
                     self.stats.overlays += 1
-                except OSError as err:  # a full disk loses the picture, never the score
+                except (OSError, ValueError) as err:  # a full disk loses the picture, never the score
                     log.error("overlay of %s not saved: %s", frame.ref, err)
             out.append(result)
         self.stats.frame_inference_seconds += time.perf_counter() - started

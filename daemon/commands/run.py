@@ -405,7 +405,11 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         dog = asyncio.create_task(watchdog()) if notifier.enabled else None
         metrics = None
         if config.metrics.listen:
-            metrics = MetricsServer(config.metrics.listen, lambda: collect_metrics(pipeline, sources, sinks))
+            metrics = MetricsServer(
+                config.metrics.listen,
+                lambda: collect_metrics(pipeline, sources, sinks),
+                overlays=config.overlays.dir if models.frames is not None else None,
+            )
             try:
                 await metrics.start()
             except OSError as err:
@@ -507,6 +511,8 @@ def collect_metrics(
         ("cellwatch_frame_queue_depth", "gauge", {}, pipeline.frame_queue.qsize()),
         ("cellwatch_cameras", "gauge", {}, len(pipeline.camera_trackers)),
     ]
+    if pipeline.overlays is not None:
+        out.extend(pipeline.overlays.metric_samples())
     out.append(("cellwatch_messages_in_total", "counter", {}, stats.messages_in))
     names = {source.name for source in sources}
     for name, rejected in pipeline.stream_rejections.items():
