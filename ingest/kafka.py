@@ -1,6 +1,13 @@
-"""Kafka source (aiokafka): robot signals from a topic, shared across daemons by a consumer group.
+"""Kafka sources (aiokafka): robot signals (`KafkaSource`) or camera frames
+(`ingest.camera.brokers.KafkaFrameSource`) from a topic, shared across daemons by a consumer group. Both
+are a `KafkaStream`: fetching, flow control, commits, rebalances and dead letters below are shared; a
+subclass says what a record is (`KafkaStream._item`: record -> item, raising `MessageError` with the
+reason of a rejection).
 
-- The message key is the robot id, so a robot's stream stays ordered on one partition.
+- Signals: the message key is the robot id, so a robot's stream stays ordered on one partition.
+- Records are turned into items by a task of their own, in fetch order, not by the fetch loop: a
+  decoder that awaits (frames decode images in a thread) never holds up the polling that keeps the
+  consumer in its group. Records waiting for it count toward backpressure like decoded ones.
 - Offsets are committed by hand, and only up to the first message whose windows are not written yet
   (per partition, in offset order): a crash or SIGKILL replays from there, so nothing is lost
   (at-least-once; the points' timestamps come from the data, so a replayed window overwrites itself).
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingest.messages import MessageError, decode
-from ingest.source import SIGNALS, Kind
+from ingest.source import SIGNALS, Item, Kind
 from ingest.stream import Delivery, Rejections, SourceUnavailable, once
 
 log = logging.getLogger("cellwatch.ingest.kafka")
@@ -89,6 +96,15 @@ class OffsetTracker:
 
 
 @dataclass(frozen=True)
+class _Raw:
+    """A fetched record waiting for the decoder task (`_Fetched` says what `tracker` means)."""
+
+    tp: Any
+    tracker: OffsetTracker
+    record: Any
+
+
+@dataclass(frozen=True)
 class _Fetched:
     """A decoded message waiting for the pipeline; `tracker` is its partition's tracker when fetched.
 
@@ -110,16 +126,20 @@ class _DeadLetter:
     attempts: int = field(default=0)
 
 
-class KafkaSource:
-    kind: Kind = SIGNALS
+class KafkaStream:
+    """What every Kafka source shares: the consumer group, manual commits of the acknowledged prefix,
+    pause/resume, rebalances, dead letters. A subclass gives `kind`, a `name`, and `_item`: what one
+    record is."""
+
+    kind: Kind
 
     def __init__(
         self,
         *,
+        name: str,
         bootstrap: Sequence[str],
         topic: str,
         group: str,
-        signals: Sequence[str],
         client_id: str = "cellwatch",
         security: KafkaSecurity | None = None,
         dead_letter_topic: str | None = None,
@@ -139,11 +159,10 @@ class KafkaSource:
             )
         if dead_letter_queue < 1:
             raise ValueError(f"dead_letter_queue must be at least 1, got {dead_letter_queue}")
-        self.name = f"kafka:{topic}"
+        self.name = name
         self.bootstrap = list(bootstrap)
         self.topic = topic
         self.group = group
-        self.signals = list(signals)
         self.client_id = client_id
         self.security = security or KafkaSecurity()
         self.dead_letter_topic = dead_letter_topic
@@ -161,7 +180,11 @@ class KafkaSource:
         self.revoked_dropped = 0  # fetched messages of a revoked partition dropped before the pipeline
         self.rebalances = 0  # assignments received
         # never blocks the fetch loop (it must keep polling to stay in the group); bounded by pausing
-        # the partitions at the high-water mark: at most one fetch (`_per_poll` records) beyond it
+        # the partitions at the high-water mark: at most one fetch (`_per_poll` records) beyond it.
+        # Records wait in _undecoded for the decoder task, decoded ones in _ready for the pipeline.
+        self._undecoded: deque[_Raw] = deque()
+        self._undecoded_event = asyncio.Event()
+        self._decoding: _Raw | None = None
         self._ready: deque[_Fetched] = deque()
         self._ready_event = asyncio.Event()
         self._per_poll = max(1, min(500, queue_messages // 4))
@@ -179,7 +202,14 @@ class KafkaSource:
         self._consumer: Any = None
         self._producer: Any = None
         self._fetcher: asyncio.Task[None] | None = None
+        self._decoder: asyncio.Task[None] | None = None
         self._dead_writer: asyncio.Task[None] | None = None
+
+    async def _item(self, tp: Any, record: Any) -> Item:
+        """The item one record carries (an aiokafka ConsumerRecord of partition `tp`); raises
+        MessageError to reject it (counted by reason, dead-lettered or committed past). Runs in the
+        decoder task, one record at a time in fetch order; CPU work goes off the event loop here."""
+        raise NotImplementedError
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -234,6 +264,7 @@ class KafkaSource:
             await self.aclose()
             raise SourceUnavailable(f"Kafka at {','.join(self.bootstrap)}: {err}") from None
         self._fetcher = asyncio.create_task(self._fetch(), name=f"kafka-fetch-{self.topic}")
+        self._decoder = asyncio.create_task(self._decode(), name=f"kafka-decode-{self.topic}")
         if self._producer is not None:
             self._dead_writer = asyncio.create_task(
                 self._write_dead_letters(), name=f"kafka-dead-letters-{self.topic}"
@@ -257,6 +288,10 @@ class KafkaSource:
                 for record in records:
                     tracker.received(record.offset)
                     self._accept(tp, tracker, record)
+            if batches:
+                # let the decoder task take this fetch before the check below: a decoder that does
+                # not await (signals) takes it whole, so its rejected records are dead letters by then
+                await asyncio.sleep(0)
             self._flow_control()
             if loop.time() - last_commit >= self.commit_interval_s:
                 await self._commit()
@@ -264,25 +299,46 @@ class KafkaSource:
 
     def _accept(self, tp: Any, tracker: OffsetTracker, record: Any) -> None:
         self.messages_in += 1
+        self._undecoded.append(_Raw(tp, tracker, record))
+        self._undecoded_event.set()
 
-        def ack(tracker: OffsetTracker = tracker, offset: int = record.offset) -> None:
-            tracker.done(offset)  # a tracker of a revoked partition is orphaned: no effect
+    async def _decode(self) -> None:
+        """Turn fetched records into deliveries, in fetch order (the decoder task). A record whose
+        partition is revoked while it waits or is decoded is dropped (its next owner reads it again);
+        one that cannot be decoded is rejected."""
+        while True:
+            if not self._undecoded:
+                self._undecoded_event.clear()
+                await self._undecoded_event.wait()
+                continue
+            raw = self._decoding = self._undecoded.popleft()
+            try:
+                try:
+                    item = await self._item(raw.tp, raw.record)
+                except MessageError as err:
+                    if self._current(raw.tp, raw.tracker):
+                        self._reject(raw, err)
+                    continue
+                if not self._current(raw.tp, raw.tracker):
+                    self.revoked_dropped += 1
+                    continue
 
-        key = record.key.decode("utf-8", "replace") if record.key else None
-        try:
-            if record.value is None:
-                raise MessageError("empty", "message without a value")
-            batch = decode(record.value, self.signals, robot=key, max_bytes=self.max_message_bytes)
-        except MessageError as err:
-            self.rejections.add(err.reason, f"{tp.topic}[{tp.partition}]@{record.offset}: {err}", log)
-            if self._producer is None:
-                ack()
-            else:  # held until its copy is written: the commits stop here until then
-                self._dead.append(_DeadLetter(tp, tracker, record, err.reason, str(err)))
-                self._dead_event.set()
-            return
-        self._ready.append(_Fetched(tp, tracker, Delivery(batch, once(ack))))
-        self._ready_event.set()
+                def ack(tracker: OffsetTracker = raw.tracker, offset: int = raw.record.offset) -> None:
+                    tracker.done(offset)  # a tracker of a revoked partition is orphaned: no effect
+
+                self._ready.append(_Fetched(raw.tp, raw.tracker, Delivery(item, once(ack))))
+                self._ready_event.set()
+            finally:
+                self._decoding = None
+
+    def _reject(self, raw: _Raw, err: MessageError) -> None:
+        tp, record = raw.tp, raw.record
+        self.rejections.add(err.reason, f"{tp.topic}[{tp.partition}]@{record.offset}: {err}", log)
+        if self._producer is None:
+            raw.tracker.done(record.offset)
+        else:  # held until its copy is written: the commits stop here until then
+            self._dead.append(_DeadLetter(tp, raw.tracker, record, err.reason, str(err)))
+            self._dead_event.set()
 
     def _current(self, tp: Any, tracker: OffsetTracker) -> bool:
         """Whether `tracker` still belongs to the assignment that holds `tp` (not revoked since)."""
@@ -371,8 +427,9 @@ class KafkaSource:
             self._trackers.pop(tp, None)
             self._committed.pop(tp, None)
         kept = deque(f for f in self._ready if f.tp not in revoked)
-        dropped = len(self._ready) - len(kept)
-        self._ready = kept
+        waiting = deque(r for r in self._undecoded if r.tp not in revoked)
+        dropped = len(self._ready) - len(kept) + len(self._undecoded) - len(waiting)
+        self._ready, self._undecoded = kept, waiting
         letters = deque(d for d in self._dead if d.tp not in revoked)
         dropped_letters = len(self._dead) - len(letters)
         self._dead = letters
@@ -392,7 +449,7 @@ class KafkaSource:
         consumer = self._consumer
         if consumer is None:
             return
-        queued, dead = len(self._ready), self._dead_backlog
+        queued, dead = self.queued, self._dead_backlog
         if not self.paused and (queued >= self._high or dead >= self._dead_high):
             self.paused = True
         elif self.paused and queued <= self._low and dead <= self._dead_low:
@@ -425,7 +482,7 @@ class KafkaSource:
     async def deliveries(self) -> AsyncIterator[Delivery]:
         if self._fetcher is None:
             raise RuntimeError("start() the source first")
-        tasks = {t for t in (self._fetcher, self._dead_writer) if t is not None}
+        tasks = {t for t in (self._fetcher, self._decoder, self._dead_writer) if t is not None}
         while True:
             while self._ready:
                 fetched = self._ready.popleft()
@@ -464,8 +521,8 @@ class KafkaSource:
 
     @property
     def queued(self) -> int:
-        """Messages fetched and decoded that the pipeline has not taken yet."""
-        return len(self._ready)
+        """Messages fetched that the pipeline has not taken yet (decoded or waiting to be)."""
+        return len(self._ready) + len(self._undecoded) + (self._decoding is not None)
 
     @property
     def dead_letters_pending(self) -> int:
@@ -491,7 +548,7 @@ class KafkaSource:
         """Nothing is opened before start()."""
 
     async def aclose(self) -> None:
-        for task in (self._fetcher, self._dead_writer):
+        for task in (self._fetcher, self._decoder, self._dead_writer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -505,3 +562,54 @@ class KafkaSource:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(10):  # a dead letter still in flight to a broker that is away
                     await self._producer.stop()
+
+
+class KafkaSource(KafkaStream):
+    """Robot signals: every record is a `SignalBatch` (Arrow or JSON, `ingest.messages.decode`); its key
+    is the robot id."""
+
+    kind: Kind = SIGNALS
+
+    def __init__(
+        self,
+        *,
+        bootstrap: Sequence[str],
+        topic: str,
+        group: str,
+        signals: Sequence[str],
+        client_id: str = "cellwatch",
+        security: KafkaSecurity | None = None,
+        dead_letter_topic: str | None = None,
+        max_message_bytes: int = 4 * 2**20,
+        start_from: str = "earliest",
+        queue_messages: int = 2000,
+        session_timeout_ms: int = 10_000,
+        commit_interval_s: float = 0.5,
+        dead_letter_queue: int = 100,
+        dead_letter_retry_s: tuple[float, float] = (0.5, 30.0),
+        dead_letter_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(
+            name=f"kafka:{topic}",
+            bootstrap=bootstrap,
+            topic=topic,
+            group=group,
+            client_id=client_id,
+            security=security,
+            dead_letter_topic=dead_letter_topic,
+            max_message_bytes=max_message_bytes,
+            start_from=start_from,
+            queue_messages=queue_messages,
+            session_timeout_ms=session_timeout_ms,
+            commit_interval_s=commit_interval_s,
+            dead_letter_queue=dead_letter_queue,
+            dead_letter_retry_s=dead_letter_retry_s,
+            dead_letter_timeout_s=dead_letter_timeout_s,
+        )
+        self.signals = list(signals)
+
+    async def _item(self, tp: Any, record: Any) -> Item:
+        key = record.key.decode("utf-8", "replace") if record.key else None
+        if record.value is None:
+            raise MessageError("empty", "message without a value")
+        return decode(record.value, self.signals, robot=key, max_bytes=self.max_message_bytes)

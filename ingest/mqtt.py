@@ -1,6 +1,9 @@
-"""MQTT source (aiomqtt, MQTT 5): robot signals from a topic template such as ``cell/+/signals``.
+"""MQTT sources (aiomqtt, MQTT 5): robot signals from a topic template such as ``cell/+/signals``
+(`MqttSource`), camera frames (`ingest.camera.brokers.MqttFrameSource`). Both are an `MqttStream`: the
+connection, flow control, acks and reconnects below are shared; a subclass says what a message is
+(`MqttStream._item`: message -> item, raising `MessageError` with the reason of a rejection).
 
-- The ``+`` level of the template is the robot id.
+- Signals: the ``+`` level of the template is the robot id.
 - QoS 1 with a persistent session (a fixed client id, clean start off, a session expiry), so messages
   published while the daemon restarts wait in the broker and are delivered afterwards.
 - Messages are acknowledged (PUBACK) by hand, only once the windows holding their rows are written to
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingest.messages import MessageError, decode
-from ingest.source import SIGNALS, Kind
+from ingest.source import SIGNALS, Item, Kind
 from ingest.stream import Delivery, Rejections, SourceUnavailable, once
 
 log = logging.getLogger("cellwatch.ingest.mqtt")
@@ -173,17 +176,29 @@ def _no_ack() -> None:
     """A QoS 0 message has no packet id: there is nothing to acknowledge."""
 
 
-class MqttSource:
-    kind: Kind = SIGNALS
+def payload_bytes(message: Any) -> bytes:
+    """A message's payload as bytes; raises MessageError("wrong_type") for anything else."""
+    payload = message.payload
+    if not isinstance(payload, bytes | bytearray):
+        raise MessageError("wrong_type", "payload is not bytes")
+    return bytes(payload)
+
+
+class MqttStream:
+    """What every MQTT source shares: the persistent QoS 1 session, Receive Maximum and the bounded
+    incoming queue, hand-made PUBACKs, start-up retries and reconnects. A subclass gives `kind`, a
+    `name` and `subscription` (the topic filter), and `_item`: what one message is."""
+
+    kind: Kind
 
     def __init__(
         self,
         *,
+        name: str,
         host: str,
         port: int,
-        topic: str,
+        subscription: str,
         client_id: str,
-        signals: Sequence[str],
         username: str | None = None,
         password: str | None = None,
         tls: MqttTls | None = None,
@@ -197,13 +212,11 @@ class MqttSource:
         connect_retry_s: float = 60.0,
         stall_after_s: float = 30.0,
     ) -> None:
-        self.name = f"mqtt:{topic}"
+        self.name = name
         self.host = host
         self.port = port
-        self.topic = topic
-        self._robot_level = robot_position(topic)
+        self.subscription = subscription
         self.client_id = client_id
-        self.signals = list(signals)
         self.username = username
         self.password = password
         self.tls = tls
@@ -227,6 +240,11 @@ class MqttSource:
         self.unacked = 0  # QoS 1 messages received and not acknowledged yet
         self._client: Any = None
         self._generation = 0
+
+    async def _item(self, message: Any) -> Item:
+        """The item one message carries (an aiomqtt Message); raises MessageError to reject it (counted
+        by reason and acknowledged). CPU work goes off the event loop here."""
+        raise NotImplementedError
 
     def _new_client(self) -> Any:
         import aiomqtt
@@ -264,7 +282,7 @@ class MqttSource:
         client = self._new_client()
         await client.__aenter__()
         try:
-            await client.subscribe(self.topic, qos=1)
+            await client.subscribe(self.subscription, qos=1)
         except BaseException:
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
@@ -313,10 +331,10 @@ class MqttSource:
             self.host,
             self.port,
             self.client_id,
-            self.topic,
+            self.subscription,
             self.max_packet_bytes,
         )
-        self._watch = asyncio.create_task(self._watch_flow(), name=f"mqtt-flow-{self.topic}")
+        self._watch = asyncio.create_task(self._watch_flow(), name=f"mqtt-flow-{self.subscription}")
 
     async def _watch_flow(self) -> None:
         """Say so when the broker has sent Receive Maximum messages and none is acknowledged for a
@@ -375,19 +393,13 @@ class MqttSource:
                 async for message in client.messages:
                     self.messages_in += 1
                     ack = self._acker(client, generation, message)
-                    robot = str(message.topic).split("/")[self._robot_level]
-                    payload = message.payload
                     try:
-                        if not isinstance(payload, bytes | bytearray):
-                            raise MessageError("wrong_type", "payload is not bytes")
-                        batch = decode(
-                            bytes(payload), self.signals, robot=robot, max_bytes=self.max_message_bytes
-                        )
+                        item = await self._item(message)
                     except MessageError as err:
                         self.rejections.add(err.reason, f"{message.topic}: {err}", log)
                         ack()
                         continue
-                    yield Delivery(batch, ack)
+                    yield Delivery(item, ack)
                     backoff.reset()
                 raise aiomqtt.MqttError("message stream ended")
             except aiomqtt.MqttError as err:
@@ -436,3 +448,58 @@ class MqttSource:
             with contextlib.suppress(Exception):
                 await self._client.__aexit__(None, None, None)
             self._client = None
+
+
+class MqttSource(MqttStream):
+    """Robot signals: every message is a `SignalBatch` (Arrow or JSON, `ingest.messages.decode`) of the
+    robot named by the ``+`` level of `topic`."""
+
+    kind: Kind = SIGNALS
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        topic: str,
+        client_id: str,
+        signals: Sequence[str],
+        username: str | None = None,
+        password: str | None = None,
+        tls: MqttTls | None = None,
+        session_expiry_s: int = 86_400,
+        receive_maximum: int = 4096,
+        max_message_bytes: int = 4 * 2**20,
+        max_queued_qos0: int = 1000,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        connect_retry_s: float = 60.0,
+        stall_after_s: float = 30.0,
+    ) -> None:
+        self._robot_level = robot_position(topic)
+        super().__init__(
+            name=f"mqtt:{topic}",
+            host=host,
+            port=port,
+            subscription=topic,
+            client_id=client_id,
+            username=username,
+            password=password,
+            tls=tls,
+            session_expiry_s=session_expiry_s,
+            receive_maximum=receive_maximum,
+            max_message_bytes=max_message_bytes,
+            max_queued_qos0=max_queued_qos0,
+            reconnect_min_s=reconnect_min_s,
+            reconnect_max_s=reconnect_max_s,
+            connect_timeout_s=connect_timeout_s,
+            connect_retry_s=connect_retry_s,
+            stall_after_s=stall_after_s,
+        )
+        self.topic = topic
+        self.signals = list(signals)
+
+    async def _item(self, message: Any) -> Item:
+        robot = str(message.topic).split("/")[self._robot_level]
+        return decode(payload_bytes(message), self.signals, robot=robot, max_bytes=self.max_message_bytes)
