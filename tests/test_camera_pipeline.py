@@ -138,3 +138,72 @@ def test_one_daemon_runs_both_models_and_joins_each_cycle_with_its_camera_frame(
         assert row["fired"] == which[(sig["is_anomaly"], cam["is_anomaly"])]
         # each rewrite of a cycle's fused point lands on the same timestamp
         assert len({r["time_ns"] for r in fused if r["cycle"] == cycle}) == 1
+
+
+def test_a_watched_folder_is_scored_once_across_a_restart(
+    tiny_images_and_ast: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The camera software drops pictures into a folder (written under a temporary name, then renamed);
+    the daemon scores each once, as the model scores that image, and after a restart scores only the
+    pictures it had not written yet, never one twice; the overlay of a frame over the threshold is served
+    by the daemon's HTTP endpoint for the dashboard."""
+    import urllib.request
+
+    from daemons import Daemon
+    from services import wait_until
+
+    from flows.ast.artifact import load_ast
+    from flows.ast.scorer import ImageScorer
+    from ingest.images import read_image
+
+    data, model = tiny_images_and_ast
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    pictures = sorted((data / "test").glob("*/*.png"))
+    first, second = pictures[:5], pictures[5:]
+
+    def drop(files: list[Path]) -> None:
+        for picture in files:
+            name = f"{picture.parent.name}-{picture.name}"
+            shutil.copy(picture, incoming / f"{name}.tmp")
+            (incoming / f"{name}.tmp").rename(incoming / name)
+
+    out = tmp_path / "scores.jsonl"
+    config = {
+        "sources": [
+            {"type": "image_folder", "path": str(incoming), "robot": "arm-3", "camera": "can", "poll_s": 0.1}
+        ],
+        "model": {"path": str(model)},
+        "scoring": {"max_wait_ms": 5, "device": "cpu"},
+        "sinks": {"file": {"path": str(out)}},
+        "overlays": {"dir": str(tmp_path / "overlays")},
+    }
+    daemon = Daemon(tmp_path, "watch", config).start()
+    try:
+        drop(first)
+        wait_until(
+            lambda: daemon.metric("cellwatch_frames_scored_total") >= len(first), 60, "the first frames"
+        )
+        assert daemon.stop() == 0
+        drop(second)  # while it is down
+        daemon.start()
+        wait_until(lambda: daemon.metric("cellwatch_frames_scored_total") >= len(second), 60, "the rest")
+        rows = points(out, "image_score")
+        flagged = [r for r in rows if r["overlay"]]
+        assert flagged, "the tiny model flags some test images (see the replay test)"
+        for path in (flagged[-1]["overlay"], "latest/arm-3_can.png"):
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{daemon.port}/overlays/{path}", timeout=10
+            ) as response:
+                assert response.headers["Content-Type"] == "image/png"
+                assert response.read(8) == b"\x89PNG\r\n\x1a\n"
+    finally:
+        assert daemon.stop() == 0
+
+    rows = points(out, "image_score")
+    names = [f"{p.parent.name}-{p.name}" for p in pictures]
+    assert sorted(r["frame"] for r in rows) == sorted(names)  # each picture exactly once
+    scorer = ImageScorer(load_ast(model), device="cpu")
+    expected = scorer.score([read_image(p) for p in pictures]).raw
+    by_name = {r["frame"]: r["score"] for r in rows}
+    assert np.allclose([by_name[n] for n in names], expected, rtol=1e-4)

@@ -461,18 +461,28 @@ def execute(config: Any, config_path: Path | None = None) -> int:
             "robot",
             "cycles",
             "peak (threshold = 1)",
-            "event (peak cycle, time in it)",
-            "top signals",
+            "event (peak cycle, time in it / frame)",
+            "top signals / overlay",
         ):
             table.add_column(col)
         for alert in list(stats.recent_alerts)[-10:]:
             offset = f"{alert.event_in_window_s:.2f} s" if alert.event_in_window_s is not None else "?"
+            peak = alert.peak_window
+            camera = getattr(peak, "frame", None)  # a camera alert: its peak is a scored frame
+            if camera is not None:
+                event = f"frame {camera.ref}" + (
+                    f" (cycle {camera.cycle})" if camera.cycle is not None else ""
+                )
+                detail = f"overlay {peak.overlay}" if peak.overlay else ""
+            else:
+                event = f"cycle {alert.peak_cycle} at {offset}"
+                detail = ", ".join(f"{n} {s:.0%}" for n, s in alert.top_signals)
             table.add_row(
                 alert.robot,
-                ",".join(map(str, alert.cycles[:5])),
+                ",".join(str(c) for c in alert.cycles[:5] if c >= 0),
                 f"{alert.peak_score:.2f}",
-                f"cycle {alert.peak_cycle} at {offset}",
-                ", ".join(f"{n} {s:.0%}" for n, s in alert.top_signals),
+                event,
+                detail,
             )
         console.print(table)
     return 0
