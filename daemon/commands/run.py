@@ -516,7 +516,6 @@ def collect_metrics(
         ("cellwatch_frame_inference_seconds_total", "counter", {}, stats.frame_inference_seconds),
         ("cellwatch_frame_batches_total", "counter", {}, stats.frame_batches),
         ("cellwatch_camera_alerts_total", "counter", {}, stats.camera_alerts),
-        ("cellwatch_overlays_saved_total", "counter", {}, stats.overlays),
         ("cellwatch_cycles_fused_total", "counter", {}, pipeline.fusion.fused),
         ("cellwatch_frame_queue_depth", "gauge", {}, pipeline.frame_queue.qsize()),
         ("cellwatch_cameras", "gauge", {}, len(pipeline.camera_trackers)),
