@@ -207,3 +207,58 @@ def test_a_watched_folder_is_scored_once_across_a_restart(
     expected = scorer.score([read_image(p) for p in pictures]).raw
     by_name = {r["frame"]: r["score"] for r in rows}
     assert np.allclose([by_name[n] for n in names], expected, rtol=1e-4)
+
+
+def test_sighup_swaps_the_image_model_for_the_next_frames(
+    tiny_images_and_ast: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A new AST model (here the same weights under another name, the `model` tag) is loaded on SIGHUP
+    off the event loop; frames dropped after the reload carry its tag, those before the old one's, and
+    none is lost or scored twice."""
+    import signal
+
+    from daemons import Daemon
+    from services import wait_until
+
+    data, model = tiny_images_and_ast
+    renamed = tmp_path / "can-v2"
+    shutil.copytree(model, renamed)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    pictures = sorted((data / "test").glob("*/*.png"))[:4]
+    out = tmp_path / "scores.jsonl"
+    config = {
+        "sources": [{"type": "image_folder", "path": str(incoming), "robot": "arm-4", "poll_s": 0.1}],
+        "model": {"path": str(model)},
+        "scoring": {"max_wait_ms": 5, "device": "cpu"},
+        "sinks": {"file": {"path": str(out)}},
+        "overlays": {"dir": str(tmp_path / "overlays")},
+    }
+
+    def drop(picture: Path, name: str) -> None:
+        shutil.copy(picture, incoming / f"{name}.tmp")
+        (incoming / f"{name}.tmp").rename(incoming / name)
+
+    daemon = Daemon(tmp_path, "reload", config).start()
+    try:
+        drop(pictures[0], "before-0.png")
+        drop(pictures[1], "before-1.png")
+        wait_until(lambda: daemon.metric("cellwatch_frames_scored_total") >= 2, 60, "the first frames")
+        running = yaml.safe_load(daemon.config_path.read_text())  # with the metrics port it was given
+        daemon.config_path.write_text(yaml.safe_dump({**running, "model": {"path": str(renamed)}}))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: daemon.metric("cellwatch_reloads_total") >= 1, 60, "the reload")
+        drop(pictures[2], "after-2.png")
+        drop(pictures[3], "after-3.png")
+        wait_until(lambda: daemon.metric("cellwatch_frames_scored_total") >= 4, 60, "the frames after it")
+    finally:
+        assert daemon.stop() == 0
+    rows = points(out, "image_score")
+    assert sorted(r["frame"] for r in rows) == ["after-2.png", "after-3.png", "before-0.png", "before-1.png"]
+    assert {r["frame"]: r["model"] for r in rows} == {
+        "before-0.png": model.name,
+        "before-1.png": model.name,
+        "after-2.png": renamed.name,
+        "after-3.png": renamed.name,
+    }
