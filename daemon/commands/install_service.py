@@ -321,14 +321,14 @@ def _parse(text: str, origin: str) -> Any:
 
 def secret_refs(config: Any) -> list[tuple[str, Any]]:
     """(field path, SecretRef) of every secret the config names: InfluxDB password and token, the Kafka
-    and MQTT passwords of the sources and of the publish-back sinks."""
-    from daemon.config import KafkaSource, MqttSource
+    and MQTT passwords of the sources (signals and camera frames) and of the publish-back sinks."""
+    from daemon.config import KafkaFramesSource, KafkaSource, MqttFramesSource, MqttSource
 
     refs: list[tuple[str, Any]] = []
     for i, src in enumerate(config.sources):
-        if isinstance(src, MqttSource):
+        if isinstance(src, MqttSource | MqttFramesSource):
             refs.append((f"sources[{i}].password", src.password))
-        elif isinstance(src, KafkaSource):
+        elif isinstance(src, KafkaSource | KafkaFramesSource):
             refs.append((f"sources[{i}].security.password", src.security.password))
     sinks = config.sinks
     if sinks.influxdb is not None:
