@@ -158,6 +158,7 @@ def alert_point(alert: Alert, model: str, updated_ns: int | None = None) -> Poin
         ALERT_MEASUREMENT,
         {
             "alert_id": alert.id,
+            "kind": "signals",
             "state": state,
             "firing": int(state == "firing"),
             "end_ns": int(end),

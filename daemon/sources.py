@@ -8,9 +8,10 @@ every one).
 from __future__ import annotations
 
 import textwrap
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +48,29 @@ def _signals(ctx: BuildContext, type_: str) -> list[str]:
     return ctx.signals
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _start_ns(start: datetime | None, default_s: float | None = None) -> int:
+    """A configured start time in ns since the epoch, exact (no float on the way); naive times are UTC."""
     if start is not None:
-        return int(start.timestamp() * 1e9)
+        aware = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
+        return (aware - EPOCH) // timedelta(microseconds=1) * 1000
     if default_s is not None:
         return int(default_s * 1e9)
-    return int(datetime.now(UTC).timestamp() * 1e9)
+    return time.time_ns()
 
 
 def _voraus(src: Any, ctx: BuildContext) -> Source:
     from ingest.voraus.source import VorausReplaySource
 
-    start = src.start.timestamp() if src.start else int(Path(src.path).stat().st_mtime)
     return VorausReplaySource(
         src.path,
         src.robot,
         _signals(ctx, src.type),
         speed=src.speed,
         test_split_only=src.test_split_only,
-        start_ns=int(start * 1e9),
+        start_ns=_start_ns(src.start, int(Path(src.path).stat().st_mtime)),
     )
 
 

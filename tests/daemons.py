@@ -16,7 +16,8 @@ import yaml
 from services import free_port, wait_until
 
 CELLWATCH = Path(sys.executable).parent / "cellwatch"
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", re.M)
+# label values are quoted and may hold braces (the source `mqtt_frames:cell/{robot}/camera/{camera}`)
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})? (\S+)$', re.M)
 
 
 class Daemon:

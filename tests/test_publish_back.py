@@ -182,7 +182,7 @@ def test_mqtt_live_order_retained_state_and_alerts(mosquitto: MosquittoServer) -
     assert set(body) == {
         *("robot", "model", "time_ns", "end_ns", "duration_s", "peak_score", "peak_cycle"),
         *("event_time_ns", "windows", "cycles", "top_signals", "text"),
-        *("alert_id", "state", "firing", "updated_ns", "cycle_count"),
+        *("alert_id", "kind", "state", "firing", "updated_ns", "cycle_count"),
     }
     assert (body["state"], body["firing"]) == ("resolved", 0)  # this one has ended
 
