@@ -307,6 +307,7 @@ class Pipeline:
         self.fusion = Fusion()
         self._producers: list[asyncio.Task[None]] = []
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellwatch-inference")
+        self._overlay_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellwatch-overlays")
         self._sink_lock = asyncio.Lock()  # one writer at a time: a batch's points, then its flush
         self.alert_options = alerts or {}
         self.trackers: dict[str, AlertTracker] = {}
@@ -658,9 +659,11 @@ class Pipeline:
             batch.append(item)
         return batch, False
 
-    def _score_frames(self, model: FrameModel, frames: list[Frame]) -> list[ScoredFrame]:
+    def _score_frames(
+        self, model: FrameModel, frames: list[Frame]
+    ) -> tuple[list[ScoredFrame], list[np.ndarray]]:
         """On the inference thread: score (frames of one size together; the model resizes them to its
-        input as `evaluate` and training do), then save the overlays of the frames over the threshold."""
+        input as `evaluate` and training do). Returns the results and their anomaly maps."""
         started = time.perf_counter()
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, frame in enumerate(frames):
@@ -668,35 +671,45 @@ class Pipeline:
         raw = np.zeros(len(frames))
         normalized = np.zeros(len(frames))
         flagged = np.zeros(len(frames), dtype=bool)
-        maps: list[Any] = [None] * len(frames)
+        maps: list[np.ndarray] = [np.empty(0)] * len(frames)
         for indices in by_size.values():
             scores = model.scorer.score(np.stack([frames[i].image for i in indices]))
             for j, i in enumerate(indices):
                 raw[i], normalized[i], flagged[i] = scores.raw[j], scores.normalized[j], scores.is_anomaly[j]
-                maps[i] = scores.maps[j]
+                maps[i] = np.asarray(scores.maps[j])
+        out = [
+            ScoredFrame(frame, float(raw[i]), float(normalized[i]), bool(flagged[i]))
+            for i, frame in enumerate(frames)
+        ]
+        self.stats.frame_inference_seconds += time.perf_counter() - started
+        return out, maps
+
+    def _save_overlays(self, model: FrameModel, scored: list[ScoredFrame], maps: list[np.ndarray]) -> None:
+        """On the overlay thread (drawing and PNG-encoding a 720p overlay takes ~60 ms: not on the
+        inference thread, which the other model shares): the overlay of each frame over the threshold,
+        on the card's threshold scale, its name kept in the result."""
+        if self.overlays is None:
+            return
         threshold = float(model.card.threshold.value)
         reference = float(model.card.threshold.reference)
-        out = []
-        for i, frame in enumerate(frames):
-            result = ScoredFrame(frame, float(raw[i]), float(normalized[i]), bool(flagged[i]))
-            if result.is_anomaly and self.overlays is not None:
-                try:
-                    result.overlay = self.overlays.save(
-                        frame.robot,
-                        frame.camera,
-                        frame.time_ns,
-                        frame.seq,
-                        frame.image,  # the camera's own picture: the overlay keeps its aspect ratio
-                        np.asarray(maps[i]),
-                        threshold,
-                        reference,
-                    )
-                    self.stats.overlays += 1
-                except (OSError, ValueError) as err:  # a full disk loses the picture, never the score
-                    log.error("overlay of %s not saved: %s", frame.ref, err)
-            out.append(result)
-        self.stats.frame_inference_seconds += time.perf_counter() - started
-        return out
+        for result, anomaly_map in zip(scored, maps, strict=True):
+            if not result.is_anomaly:
+                continue
+            frame = result.frame
+            try:
+                result.overlay = self.overlays.save(
+                    frame.robot,
+                    frame.camera,
+                    frame.time_ns,
+                    frame.seq,
+                    frame.image,  # the camera's own picture: the overlay keeps its aspect ratio
+                    anomaly_map,
+                    threshold,
+                    reference,
+                )
+                self.stats.overlays += 1
+            except (OSError, ValueError) as err:  # a full disk loses the picture, never the score
+                log.error("overlay of %s not saved: %s", frame.ref, err)
 
     async def _consume_frames(self) -> None:
         loop = asyncio.get_running_loop()
@@ -707,7 +720,10 @@ class Pipeline:
                 model = self.frame_model
                 assert model is not None  # frames are admitted only with a frame model
                 frames = [d.item for d in deliveries if isinstance(d.item, Frame)]
-                scored = await loop.run_in_executor(self._inference, self._score_frames, model, frames)
+                scored, maps = await loop.run_in_executor(self._inference, self._score_frames, model, frames)
+                if any(r.is_anomaly for r in scored) and self.overlays is not None:
+                    await loop.run_in_executor(self._overlay_thread, self._save_overlays, model, scored, maps)
+                del maps
                 threshold = float(model.card.threshold.value)
                 for r in scored:
                     frame = r.frame
@@ -866,6 +882,7 @@ class Pipeline:
             for source in self.sources:
                 await source.aclose()
             self._inference.shutdown(wait=True)
+            self._overlay_thread.shutdown(wait=True)
         return self.stats
 
 
