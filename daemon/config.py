@@ -315,7 +315,14 @@ class ScoringConfig(_Strict):
     mode: Literal["cycle", "window"] = "cycle"
     batch: int = Field(default=32, ge=1, le=4096, description="micro-batch of the signal model")
     frame_batch: int = Field(default=8, ge=1, le=1024, description="micro-batch of the image model")
-    max_wait_ms: int = Field(default=50, ge=0, le=60_000)
+    max_wait_ms: int = Field(default=50, ge=0, le=60_000, description="longest a batch waits to fill")
+    frame_max_wait_ms: int | None = Field(
+        default=None,
+        ge=0,
+        le=60_000,
+        description="the image model's (default: max_wait_ms); longer fills batches of frames, which score "
+        "at about half the cost per frame of single frames on a CPU, at that cost in latency",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
 

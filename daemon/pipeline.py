@@ -280,6 +280,7 @@ class Pipeline:
         batch: int = 32,
         max_wait_ms: int = 50,
         frame_batch: int = 8,
+        frame_max_wait_ms: int | None = None,
         queue_size: int | None = None,
         keep_results: bool = False,
         alerts: dict[str, Any] | None = None,
@@ -295,6 +296,7 @@ class Pipeline:
         self.batch = batch
         self.frame_batch = frame_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.frame_max_wait_s = (frame_max_wait_ms if frame_max_wait_ms is not None else max_wait_ms) / 1000
         # bounded: a few batches in flight; sources wait when it is full (backpressure)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size or max(4 * batch, 16))
         self.frame_queue: asyncio.Queue[Delivery | None] = asyncio.Queue(
@@ -643,7 +645,7 @@ class Pipeline:
             return [], True
         batch = [first]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
+        deadline = loop.time() + self.frame_max_wait_s
         while len(batch) < self.frame_batch:
             timeout = deadline - loop.time()
             try:

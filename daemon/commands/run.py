@@ -236,7 +236,10 @@ def apply_reload(pipeline: Any, old_config: Any, fresh_config: Any, loaded: Any)
         pipeline.swap_frame_model(models.frames)
     pipeline.batch = batches["signals"]
     pipeline.frame_batch = batches["frames"]
-    pipeline.max_wait_s = fresh_config.scoring.max_wait_ms / 1000
+    scoring = fresh_config.scoring
+    pipeline.max_wait_s = scoring.max_wait_ms / 1000
+    frame_wait = scoring.frame_max_wait_ms if scoring.frame_max_wait_ms is not None else scoring.max_wait_ms
+    pipeline.frame_max_wait_s = frame_wait / 1000
     pipeline.alert_options = fresh_config.alerts.model_dump()
     pipeline.limits = robot_limits(fresh_config)
     for tracker in [*pipeline.trackers.values(), *pipeline.camera_trackers.values()]:
@@ -312,6 +315,7 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         batch=batches["signals"],
         frame_batch=batches["frames"],
         max_wait_ms=config.scoring.max_wait_ms,
+        frame_max_wait_ms=config.scoring.frame_max_wait_ms,
         alerts=config.alerts.model_dump(),
         limits=robot_limits(config),
         overlays=overlays,
