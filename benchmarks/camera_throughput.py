@@ -499,7 +499,8 @@ def write_report(args: argparse.Namespace, result: dict[str, Any], md: Path, js:
         f"Measured {result['when']} by `{result['command']}` on {result['machine']}.",
         "",
         f"One daemon (`models: [signal, ast]`, scoring.device {args.device}, frame_batch {args.frame_batch}, "
-        f"max_wait_ms {args.max_wait_ms}) with {args.robots} robots of signals "
+        f"max_wait_ms {args.max_wait_ms}, frame_max_wait_ms {args.frame_max_wait_ms}) with {args.robots} "
+        "robots of signals "
         "(100 Hz x 130, MQTT, real time) "
         f"and JPEG frames over MQTT (`mqtt_frames`, {result['setup']['frame_shape'][1]}x"
         f"{result['setup']['frame_shape'][0]} px, {result['setup']['jpeg_bytes_mean'] / 1024:.0f} KiB, "
@@ -542,6 +543,12 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="scoring.device")
     ap.add_argument("--frame-batch", type=int, default=8, help="scoring.frame_batch")
     ap.add_argument("--max-wait-ms", type=int, default=20, help="scoring.max_wait_ms")
+    ap.add_argument(
+        "--frame-max-wait-ms",
+        type=int,
+        default=None,
+        help="scoring.frame_max_wait_ms (default: --max-wait-ms)",
+    )
     ap.add_argument("--model", type=Path, help="an AST model (default: trained here)")
     ap.add_argument("--images", type=Path, help="frames: an MVTec-layout folder (its test split) or PNGs")
     ap.add_argument("--size", type=int, default=256, help="generated images' size in px")
@@ -597,6 +604,7 @@ def main() -> None:
                 "batch": 32,
                 "frame_batch": args.frame_batch,
                 "max_wait_ms": args.max_wait_ms,
+                "frame_max_wait_ms": args.frame_max_wait_ms,
                 "device": args.device,
             },
             "sinks": {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 State = Literal["firing", "resolved"]
 MAX_ALERT_CYCLES = 1000  # cycle labels kept per alert (a fault lasting days must not grow without bound)
@@ -95,6 +95,16 @@ class AlertEvent:
     def of(cls, alert: Alert, kind: Literal["opened", "updated", "resolved"], time_ns: int) -> AlertEvent:
         state: State = "resolved" if kind == "resolved" else "firing"
         return cls(alert, state, time_ns, kind, alert.snapshot())
+
+
+class AlertOptions(TypedDict, total=False):
+    """The `alerts:` settings, as AlertTracker takes them."""
+
+    k: int
+    n: int
+    min_duration_s: float
+    cooldown_s: float
+    update_interval_s: float
 
 
 class AlertTracker:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from daemon.alerts import Alert, AlertEvent, AlertTracker
+from daemon.alerts import Alert, AlertEvent, AlertOptions, AlertTracker
 from daemon.frames import (
     FrameModel,
     Fusion,
@@ -283,7 +283,7 @@ class Pipeline:
         frame_max_wait_ms: int | None = None,
         queue_size: int | None = None,
         keep_results: bool = False,
-        alerts: dict[str, Any] | None = None,
+        alerts: AlertOptions | None = None,
         limits: RobotLimits | None = None,
         overlays: OverlayWriter | None = None,
     ) -> None:
@@ -311,7 +311,7 @@ class Pipeline:
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellwatch-inference")
         self._overlay_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellwatch-overlays")
         self._sink_lock = asyncio.Lock()  # one writer at a time: a batch's points, then its flush
-        self.alert_options = alerts or {}
+        self.alert_options: AlertOptions = alerts or {}
         self.trackers: dict[str, AlertTracker] = {}
         self.camera_trackers: dict[str, AlertTracker] = {}
         self.windowers: dict[str, StreamWindower] = {}

@@ -182,6 +182,19 @@ def build_feeds(config: Any) -> list[Any]:
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a broker or database is unreachable at start-up; worth a restart
 
 
+def alert_options(config: Any) -> Any:
+    from daemon.alerts import AlertOptions
+
+    a = config.alerts
+    return AlertOptions(
+        k=a.k,
+        n=a.n,
+        min_duration_s=a.min_duration_s,
+        cooldown_s=a.cooldown_s,
+        update_interval_s=a.update_interval_s,
+    )
+
+
 def robot_limits(config: Any) -> Any:
     from daemon.pipeline import RobotLimits
 
@@ -240,7 +253,7 @@ def apply_reload(pipeline: Any, old_config: Any, fresh_config: Any, loaded: Any)
     pipeline.max_wait_s = scoring.max_wait_ms / 1000
     frame_wait = scoring.frame_max_wait_ms if scoring.frame_max_wait_ms is not None else scoring.max_wait_ms
     pipeline.frame_max_wait_s = frame_wait / 1000
-    pipeline.alert_options = fresh_config.alerts.model_dump()
+    pipeline.alert_options = alert_options(fresh_config)
     pipeline.limits = robot_limits(fresh_config)
     for tracker in [*pipeline.trackers.values(), *pipeline.camera_trackers.values()]:
         tracker.reconfigure(**pipeline.alert_options)
@@ -316,7 +329,7 @@ def execute(config: Any, config_path: Path | None = None) -> int:
         frame_batch=batches["frames"],
         max_wait_ms=config.scoring.max_wait_ms,
         frame_max_wait_ms=config.scoring.frame_max_wait_ms,
-        alerts=config.alerts.model_dump(),
+        alerts=alert_options(config),
         limits=robot_limits(config),
         overlays=overlays,
     )
