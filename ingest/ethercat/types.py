@@ -86,12 +86,20 @@ class DatagramColumns:
     """One cyclic datagram across the frames of a batch that carried it (frame order kept).
 
     `frame[i]` indexes into the FrameBatch's frames, `data[i]` is the datagram's data bytes in that frame,
-    `wkc[i]` its working counter."""
+    `wkc[i]` its working counter, `stale[i]` whether that WKC is below the expected count (some slave did
+    not process the datagram: its inputs there are old; all False when not given)."""
 
     key: DatagramKey
     frame: np.ndarray  # int64 (M,)
     data: np.ndarray  # uint8 (M, length)
     wkc: np.ndarray  # uint16 (M,)
+    stale: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool (M,)
+
+    def __post_init__(self) -> None:
+        if len(self.stale) != len(self.wkc):
+            if len(self.stale):
+                raise ValueError(f"{self.key.name}: {len(self.stale)} stale flags, {len(self.wkc)} datagrams")
+            self.stale = np.zeros(len(self.wkc), bool)
 
 
 @dataclass
