@@ -23,7 +23,7 @@ def bus(
     return ts.astype(np.int64), np.repeat(samples, 10, axis=0)
 
 
-def run(resampler: Resampler, ts: np.ndarray, values: np.ndarray, stale: np.ndarray, chunk: int):
+def run(resampler: Resampler, ts: np.ndarray, values: np.ndarray, stale: np.ndarray, chunk: int) -> list:
     blocks = []
     for a in range(0, len(ts), chunk):
         blocks += list(resampler.push(ts[a : a + chunk], values[a : a + chunk], stale[a : a + chunk]))
