@@ -14,7 +14,7 @@ BUS = 1_000_000  # 1 kHz
 
 def bus(
     samples: np.ndarray, *, start_ns: int = 1_700_000_000_000_000_000, jitter: int = 30_000, seed: int = 0
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """Each sample held for 10 bus cycles, captured mid-period with jitter."""
     rng = np.random.default_rng(seed)
     n = len(samples) * 10
