@@ -283,6 +283,32 @@ class KafkaFramesSource(_Strict):
     max_pixels: int = Field(default=40_000_000, ge=1, le=400_000_000)
 
 
+class EthercatSource(_Strict):
+    """Robot signals off the EtherCAT bus: a capture file (pcap/pcapng) replayed at its own pace, or live
+    capture on a network interface (needs CAP_NET_RAW: the unit's capture drop-in), mapped to named
+    signals by an ENI file or a YAML map."""
+
+    type: Literal["ethercat"]
+    map: Path = Field(description="an ENI (XML) or a YAML map of the process image")
+    capture: Path | None = Field(default=None, description="a pcap/pcapng capture to replay")
+    interface: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.:@-]{1,15}$", description="live capture on this interface"
+    )
+    robot: str | None = Field(
+        default=None, pattern=ROBOT_ID, description="the robot id (default: the map's `robot`, else robot1)"
+    )
+    speed: float = Field(
+        default=1.0, gt=0, description="capture replay: x its own pace; a large number: full speed"
+    )
+    max_rows: int = Field(default=100, ge=1, le=100_000, description="rows per signal message at most")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> EthercatSource:
+        if (self.capture is None) == (self.interface is None):
+            raise ValueError("give `capture` (a file) or `interface` (live), not both")
+        return self
+
+
 Source = Annotated[
     VorausReplaySource
     | KafkaSource
@@ -290,7 +316,8 @@ Source = Annotated[
     | ImageFolderSource
     | VideoSource
     | MqttFramesSource
-    | KafkaFramesSource,
+    | KafkaFramesSource
+    | EthercatSource,
     Field(discriminator="type"),
 ]
 SOURCE_TYPES: tuple[str, ...] = (
@@ -301,6 +328,7 @@ SOURCE_TYPES: tuple[str, ...] = (
     "video",
     "mqtt_frames",
     "kafka_frames",
+    "ethercat",
 )
 
 
@@ -593,6 +621,10 @@ def _rebase(config: Config, base: Path) -> Config:
     def fix_source(s: Any) -> Any:
         if isinstance(s, VorausReplaySource | ImageFolderSource):
             return s.model_copy(update={"path": fix(s.path)})
+        if isinstance(s, EthercatSource):
+            return s.model_copy(
+                update={"map": fix(s.map), "capture": fix(s.capture) if s.capture is not None else None}
+            )
         if isinstance(s, VideoSource) and "://" not in s.url:  # a file, not a stream
             return s.model_copy(update={"url": str(fix(Path(s.url)))})
         return s

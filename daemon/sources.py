@@ -25,6 +25,7 @@ class BuildContext:
 
     signals: list[str] | None
     secret: Callable[[Any], str | None]
+    rate_hz: float | None = None  # the signal model's input rate (its rate x rate divider)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,23 @@ def secret(ref: Any) -> str | None:
     return str(value.get_secret_value())
 
 
+def _ethercat(src: Any, ctx: BuildContext) -> Source:
+    from ingest.ethercat.source import EthercatSource
+
+    if ctx.rate_hz is None:
+        raise ValueError("an ethercat source carries robot signals, but no MVT-Flow model is configured")
+    return EthercatSource(
+        robot=src.robot,
+        map_path=src.map,
+        signals=_signals(ctx, src.type),
+        rate_hz=ctx.rate_hz,
+        capture=src.capture,
+        interface=src.interface,
+        speed=src.speed,
+        max_rows=src.max_rows,
+    )
+
+
 def _block(text: str) -> str:
     return textwrap.dedent(text).strip() + "\n"
 
@@ -311,6 +329,18 @@ REGISTRY: dict[str, SourceType] = {
                 type: kafka_frames       # JPEG/PNG values, key robot/camera; headers time_ns, cycle, frame
                 bootstrap: ["localhost:9092"]
                 topic: cell.camera
+            """),
+        ),
+        SourceType(
+            "ethercat",
+            SIGNALS,
+            _ethercat,
+            _block("""
+                type: ethercat           # the field bus: a capture replayed, or `interface: eth1` live
+                capture: captures/bus.pcapng
+                map: maps/cell.eni.xml   # or a YAML map (signals: name, address, type, scale)
+                robot: robot1
+                speed: 1                 # x the capture's own pace
             """),
         ),
     )

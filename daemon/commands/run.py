@@ -104,7 +104,11 @@ def build_sources(config: Any, models: Any) -> list[Any]:
     from ingest.voraus.schema import RATE_TOLERANCE, rate_matches
 
     card = models.signals.card if models.signals is not None else None
-    ctx = BuildContext(signals=list(card.signals) if card is not None else None, secret=secret)
+    ctx = BuildContext(
+        signals=list(card.signals) if card is not None else None,
+        secret=secret,
+        rate_hz=card.rate_hz * int(card.training.get("rate_divider", 1)) if card is not None else None,
+    )
     sources: list[Any] = []
     try:
         for i, src in enumerate(config.sources):

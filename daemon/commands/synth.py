@@ -18,6 +18,9 @@ SIGNAL_ONLY: dict[str, Any] = {
     "--rate": 100,
     "--categories": None,
     "--workers": None,
+    "--pcap": None,
+    "--bus-hz": 1000,
+    "--pcap-copies": 2,
 }
 #: flags of --images only -> their default there
 IMAGE_ONLY: dict[str, Any] = {
@@ -59,6 +62,20 @@ def add_parser(sub: Any) -> None:
         help="anomaly categories to include (names such as AXIS_FRICTION or numbers 0-11); default all",
     )
     signals.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    signals.add_argument(
+        "--pcap",
+        type=Path,
+        help="also write the same cycles as an EtherCAT capture (pcapng) of the bus between controller and "
+        "drives, with its maps next to it (NAME.eni.xml, NAME.map.yaml, NAME.eni-map.yaml)",
+    )
+    signals.add_argument("--bus-hz", type=int, help="--pcap: the bus rate (default 1000 Hz)")
+    signals.add_argument(
+        "--pcap-copies",
+        type=int,
+        choices=(1, 2),
+        help="--pcap: 2 (default) = captured at the master, each frame outgoing and returned; 1 = from a TAP "
+        "behind the ring, the returned copy only",
+    )
     images = p.add_argument_group("images (--images)")
     images.add_argument("--category", help="texture: brick, grass or gravel (default brick)")
     images.add_argument("--size", type=int, help="image size in pixels, square (default 256)")
@@ -164,4 +181,36 @@ def synth_recording(args: argparse.Namespace) -> int:
         f"{rows} rows, {args.rate} Hz, in {elapsed:.1f} s"
     )
     console.print(", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
+    if args.pcap is not None:
+        write_pcap(args, Path(args.out), len(specs))
     return 0
+
+
+def write_pcap(args: argparse.Namespace, recording: Path, cycles: int) -> None:
+    from ingest.sim.ethercat import write_capture
+
+    if args.bus_hz < 1 or 1_000_000_000 % args.bus_hz or (args.bus_hz % args.rate):
+        raise UsageError(
+            f"--bus-hz must be a multiple of the rate ({args.rate} Hz) dividing 1 GHz, got {args.bus_hz}"
+        )
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"writing the EtherCAT capture at {args.bus_hz} Hz", total=cycles)
+        try:
+            frames, n, eni, yml = write_capture(
+                recording,
+                args.pcap,
+                bus_hz=args.bus_hz,
+                both_copies=args.pcap_copies == 2,
+                seed=args.seed,
+                on_cycle=lambda done: bar.update(task, completed=done),
+            )
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--pcap {args.pcap}: {err}") from err
+    size = Path(args.pcap).stat().st_size / 2**20
+    console.print(
+        f"wrote [bold]{args.pcap}[/]: {frames} frames of {n} cycles on a {args.bus_hz} Hz bus "
+        f"({size:.0f} MiB) "
+        f"in {time.perf_counter() - started:.1f} s; maps {eni.name}, {yml.name}, "
+        f"{eni.name.removesuffix('.eni.xml')}.eni-map.yaml"
+    )

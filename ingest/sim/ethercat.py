@@ -17,7 +17,7 @@ the sample back (to the encoding's resolution).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -276,10 +276,76 @@ def yaml_map(layout_: BusLayout, *, robot: str = "robot1") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_maps(
-    directory: Path, layout_: BusLayout, *, cycle_time_us: int, robot: str = "robot1"
-) -> tuple[Path, Path]:
-    eni, yml = directory / "cell.eni.xml", directory / "cell.map.yaml"
-    eni.write_text(eni_xml(layout_, cycle_time_us=cycle_time_us))
-    yml.write_text(yaml_map(layout_, robot=robot))
-    return eni, yml
+def write_capture(
+    recording: Path,
+    out: Path,
+    *,
+    bus_hz: int = 1000,
+    both_copies: bool = True,
+    seed: int = 0,
+    start_ns: int = 1_767_225_600_000_000_000,  # 2026-01-01T00:00:00Z: a multiple of every sample period
+    on_cycle: Callable[[int], None] | None = None,
+) -> tuple[int, int, Path, Path]:
+    """The recording's cycles, in file order and back to back, as an EtherCAT capture (pcapng) with its
+    maps next to it: OUT.eni.xml (the ENI), OUT.map.yaml (a YAML map on its own) and OUT.eni-map.yaml
+    (a YAML map naming the ENI's variables). Returns (frames, cycles, eni, map)."""
+    from ingest.ethercat.pcap import CaptureWriter
+    from ingest.voraus.reader import VorausReader
+    from ingest.voraus.schema import MACHINE_SIGNALS
+
+    names = list(MACHINE_SIGNALS)
+    bus = layout(names)
+    reader = VorausReader(recording, names, batch_rows=65536)
+    try:
+        rate = reader.rate_hz
+        if rate is None:
+            raise ValueError(f"{recording}: the sampling rate cannot be told from the file")
+        sample_period_ns = round(1e9 / rate)
+        writer = CaptureWriter(out, format="pcapng")
+        written = cycles = 0
+        next_ns = start_ns
+        try:
+            for cycle in reader.cycles():
+                n = len(cycle.signals)
+                starts = next_ns + np.arange(n, dtype=np.int64) * sample_period_ns
+                images = encode(bus, names, cycle.signals, np.full(n, cycle.sample))
+                ts, records = frames(
+                    bus,
+                    images,
+                    sample_start_ns=starts,
+                    sample_period_ns=sample_period_ns,
+                    bus_hz=bus_hz,
+                    both_copies=both_copies,
+                    seed=seed + cycles,
+                )
+                writer.write(ts, records)
+                written += len(ts)
+                cycles += 1
+                next_ns += n * sample_period_ns
+                if on_cycle is not None:
+                    on_cycle(cycles)
+        finally:
+            writer.close()
+    finally:
+        reader.close()
+    stem = out.name.removesuffix(".pcapng").removesuffix(".pcap")
+    eni, yml = out.with_name(f"{stem}.eni.xml"), out.with_name(f"{stem}.map.yaml")
+    eni.write_text(eni_xml(bus, cycle_time_us=round(1e6 / bus_hz)))
+    yml.write_text(yaml_map(bus))
+    out.with_name(f"{stem}.eni-map.yaml").write_text(eni_yaml_map(bus, eni.name))
+    return written, cycles, eni, yml
+
+
+def eni_yaml_map(layout_: BusLayout, eni_name: str, *, robot: str = "robot1") -> str:
+    """A YAML map that takes the ENI's variables and gives them the model's names and SI scales (an ENI
+    knows bits and types, not units)."""
+    lines = [
+        "# the ENI's process image under the voraus names, in SI units",
+        f"eni: {eni_name}",
+        f"robot: {robot}",
+        f"cycle_signal: {CYCLE_SIGNAL}",
+        "signals:",
+    ]
+    for v in layout_.variables:
+        lines.append(f"  - {{name: {v.name}, variable: {v.variable!r}, scale: {v.scale!r}}}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,332 @@
+"""The EtherCAT source: a capture file replayed at its own pace (or faster), or the live bus on an
+interface, as a robot's signal messages (the common source shape, kind "signals").
+
+    records (pcap.CaptureReader | LiveCapture) -> frames.FrameDecoder -> mapping.SignalExtractor
+        -> resample.Resampler (the model's grid, by capture time) -> resample.CycleCutter -> SignalBatch
+
+All of the decoding runs on the source's worker thread; the event loop only awaits batches of messages.
+Nothing needs acknowledging: a capture file can be read again, and the bus does not wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import math
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from ingest.errors import IngestError
+from ingest.ethercat.frames import FrameDecoder
+from ingest.ethercat.mapping import (
+    MapError,
+    ProcessMap,
+    SignalExtractor,
+    check_coverage,
+    load_eni,
+    load_yaml_map,
+)
+from ingest.ethercat.pcap import CaptureReader
+from ingest.ethercat.resample import CycleCutter, Resampler
+from ingest.ethercat.types import ETHERTYPE, LINKTYPE_ETHERNET, RecordBatch
+from ingest.messages import SignalBatch
+from ingest.source import SIGNALS, Delivery, Kind, Sample, no_ack
+from ingest.stream import SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+LIVE_BATCH_FRAMES: Final = 4096
+LIVE_BATCH_S: Final = 0.05
+MAX_FRAME: Final = 9216  # a jumbo frame; EtherCAT frames are at most 1514 bytes
+
+
+def load_map(path: Path) -> ProcessMap:
+    """An ENI (XML) or a YAML map, told apart by the file's first bytes."""
+    with Path(path).open("rb") as fh:
+        head = fh.read(512).lstrip()
+    return load_eni(path) if head.startswith(b"<") else load_yaml_map(path)
+
+
+class BusChain:
+    """Records → signal messages of one robot: decoding, mapping, resampling and cycle cutting, with
+    the counts of every stage. Synchronous (the source runs it on its worker thread)."""
+
+    def __init__(
+        self,
+        pmap: ProcessMap,
+        *,
+        robot: str,
+        signals: Sequence[str],
+        period_ns: int,
+        max_rows: int = 100,
+    ) -> None:
+        missing = [s for s in signals if s not in pmap.names]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise MapError(f"{pmap.source}: the model's signals {shown} are not in the map")
+        self.pmap = pmap
+        self.decoder = FrameDecoder(dict(pmap.expected_wkc.items()))
+        self.extractor = SignalExtractor(pmap)
+        names = list(pmap.names)
+        cycle = names.index(pmap.cycle_signal) if pmap.cycle_signal else None
+        self.resampler = Resampler(period_ns, cycle_column=cycle)
+        self.cutter = CycleCutter(
+            robot, period_ns, np.array([names.index(s) for s in signals]), max_rows=max_rows
+        )
+        self.checked = False
+        self.last_ts: int | None = None
+
+    def feed(self, records: RecordBatch) -> list[SignalBatch]:
+        frames = self.decoder.decode(records)
+        if not self.checked and frames.datagrams:
+            check_coverage(self.pmap, frames.datagrams)  # raises MapError naming what no datagram holds
+            self.checked = True
+        if not self.checked:
+            return []  # no process data yet (start-up traffic, mailbox only)
+        rows = self.extractor.extract(frames)
+        if len(rows):
+            self.last_ts = int(rows.ts_ns[-1])
+        out: list[SignalBatch] = []
+        for start, means, cycles in self.resampler.push(rows.ts_ns, rows.values, rows.stale):
+            out += self.cutter.push(start, means, cycles)
+        return out
+
+    def finish(self) -> list[SignalBatch]:
+        out: list[SignalBatch] = []
+        for start, means, cycles in self.resampler.flush():
+            out += self.cutter.push(start, means, cycles)
+        return out + self.cutter.finish()
+
+    @property
+    def rejections(self) -> Counter[str]:
+        return Counter(self.decoder.rejections)
+
+
+class LiveCapture:
+    """EtherCAT frames from a network interface: an AF_PACKET socket with a BPF filter on EtherType
+    0x88A4 (needs CAP_NET_RAW, which the unit's capture drop-in grants), kernel timestamps (SO_TIMESTAMPNS).
+    `batches()` yields a RecordBatch every LIVE_BATCH_S or LIVE_BATCH_FRAMES frames until `stop()`."""
+
+    def __init__(self, interface: str) -> None:
+        self.interface = interface
+        self._stop = threading.Event()
+        self.counts: Counter[str] = Counter()
+        try:
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        except PermissionError as err:
+            raise IngestError(f"live capture on {interface}: {err.strerror} (needs CAP_NET_RAW)") from err
+        try:
+            self._attach_filter()
+            self.sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TIMESTAMPNS", 35), 1)
+            self.sock.bind((interface, 0))
+            self.sock.settimeout(0.2)
+        except OSError as err:
+            self.sock.close()
+            raise IngestError(f"live capture on {interface}: {err.strerror or err}") from err
+
+    def _attach_filter(self) -> None:
+        # ldh [12]; jeq #0x88a4, accept, drop; accept: ret #65535; drop: ret #0
+        program = [(0x28, 0, 0, 12), (0x15, 0, 1, ETHERTYPE), (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0)]
+        code = b"".join(struct.pack("HBBI", *ins) for ins in program)
+        buf = ctypes.create_string_buffer(code)
+        fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+        self._filter = buf  # kept alive while attached
+        self.sock.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def batches(self) -> Iterator[RecordBatch]:
+        ancillary = socket.CMSG_SPACE(16)
+        try:
+            while not self._stop.is_set():
+                frames: list[bytes] = []
+                stamps: list[int] = []
+                deadline = time.monotonic() + LIVE_BATCH_S
+                while len(frames) < LIVE_BATCH_FRAMES and time.monotonic() < deadline:
+                    try:
+                        data, anc, _flags, _addr = self.sock.recvmsg(MAX_FRAME, ancillary)
+                    except TimeoutError:
+                        break
+                    except OSError as err:
+                        if self._stop.is_set():
+                            return
+                        self.counts["recv_errors"] += 1
+                        log.warning("live capture on %s: %s", self.interface, err)
+                        break
+                    stamp = time.time_ns()
+                    for level, kind, value in anc:
+                        if level == socket.SOL_SOCKET and kind == getattr(socket, "SO_TIMESTAMPNS", 35):
+                            sec, nsec = struct.unpack("qq", value[:16])
+                            stamp = sec * 1_000_000_000 + nsec
+                    frames.append(data)
+                    stamps.append(stamp)
+                if frames:
+                    self.counts["frames"] += len(frames)
+                    yield _records(stamps, frames)
+        finally:
+            self.sock.close()
+
+
+def _records(stamps: list[int], frames: list[bytes]) -> RecordBatch:
+    lengths = np.array([len(f) for f in frames], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]).astype(np.int64)
+    return RecordBatch(
+        ts_ns=np.array(stamps, dtype=np.int64),
+        linktype=np.full(len(frames), LINKTYPE_ETHERNET, dtype=np.int32),
+        offsets=offsets,
+        lengths=lengths,
+        wire_lengths=lengths.copy(),
+        buf=np.frombuffer(b"".join(frames), dtype=np.uint8),
+    )
+
+
+class EthercatSource:
+    """Robot signals off the EtherCAT bus (a capture file, or live on `interface`), mapped by an ENI or a
+    YAML map, resampled onto the signal model's grid (`rate_hz`), cut into cycles by the map's
+    `cycle_signal`. A file is replayed at `speed` x its own pace (capture time; inf: as fast as it
+    decodes) and ends; a live capture runs until closed."""
+
+    kind: Kind = SIGNALS
+
+    def __init__(
+        self,
+        *,
+        robot: str | None,
+        map_path: Path,
+        signals: Sequence[str],
+        rate_hz: float,
+        capture: Path | None = None,
+        interface: str | None = None,
+        speed: float = 1.0,
+        max_rows: int = 100,
+        chunk_records: int = 16384,
+    ) -> None:
+        if (capture is None) == (interface is None):
+            raise ValueError("give a capture file or an interface, not both")
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
+        self.map_path = Path(map_path)
+        self.pmap = load_map(self.map_path)  # raises MapError naming the entry
+        self.robot = robot or self.pmap.robot or "robot1"
+        self.name = f"ethercat:{self.robot}"
+        self.capture = Path(capture) if capture is not None else None
+        self.interface = interface
+        self.speed = speed
+        self.chunk_records = chunk_records
+        self.chain = BusChain(
+            self.pmap, robot=self.robot, signals=signals, period_ns=round(1e9 / rate_hz), max_rows=max_rows
+        )
+        self._reader: CaptureReader | None = None
+        self._live: LiveCapture | None = None
+        if self.capture is not None:
+            self._reader = CaptureReader(self.capture, chunk_records=chunk_records)  # CaptureError at once
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ethercat-{self.robot}")
+        self.messages = 0
+
+    async def start(self) -> None:
+        if self.interface is not None:
+            try:
+                self._live = await asyncio.to_thread(LiveCapture, self.interface)
+            except IngestError as err:
+                raise SourceUnavailable(str(err)) from err
+
+    def _records(self) -> Iterator[RecordBatch]:
+        if self._reader is not None:
+            return self._reader.batches()
+        assert self._live is not None, "start() the live source first"
+        return self._live.batches()
+
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        loop = asyncio.get_running_loop()
+        records = self._records()
+        sentinel = object()
+
+        def step() -> list[SignalBatch] | object:
+            batch = next(records, sentinel)
+            if batch is sentinel:
+                return sentinel
+            assert isinstance(batch, RecordBatch)
+            return self.chain.feed(batch)
+
+        paced_from: tuple[float, int] | None = None  # (loop time, capture time) of the first message
+        try:
+            while True:
+                got = await loop.run_in_executor(self._thread, step)
+                messages = self.chain.finish() if got is sentinel else got
+                assert isinstance(messages, list)
+                for message in messages:
+                    if self._reader is not None and math.isfinite(self.speed):
+                        end_ns = message.time_ns + len(message.signals) * message.period_ns
+                        if paced_from is None:
+                            paced_from = (loop.time(), message.time_ns)
+                        delay = paced_from[0] + (end_ns - paced_from[1]) / 1e9 / self.speed - loop.time()
+                        if delay > 0:  # the capture's own pace: a message is complete at its end
+                            await asyncio.sleep(delay)
+                    self.messages += 1
+                    yield Delivery(message, no_ack)
+                if got is sentinel:
+                    return
+        finally:
+            if self._live is not None:
+                self._live.stop()
+            with contextlib.suppress(Exception):
+                records.close()  # type: ignore[attr-defined]
+
+    @property
+    def rejections(self) -> dict[str, int]:
+        counts = Counter(self.chain.rejections)
+        if self._reader is not None:
+            counts.update(self._reader.rejections)
+        return dict(counts)
+
+    def metric_samples(self) -> list[Sample]:
+        labels = {"source": self.name}
+        stats = self.chain.resampler.stats
+        counts = self.chain.decoder.counts
+        out: list[Sample] = [
+            ("cellwatch_ethercat_frames_total", "counter", labels, float(counts.get("frames", 0))),
+            ("cellwatch_ethercat_bus_cycles_total", "counter", labels, float(stats.bus_cycles)),
+            ("cellwatch_ethercat_stale_total", "counter", labels, float(stats.stale)),
+            ("cellwatch_ethercat_lost_total", "counter", labels, float(stats.lost)),
+            ("cellwatch_ethercat_gaps_total", "counter", labels, float(stats.gaps)),
+        ]
+        for name, count in counts.items():
+            if name.startswith("datagrams_"):
+                command = {**labels, "command": name.removeprefix("datagrams_")}
+                out.append(("cellwatch_ethercat_datagrams_total", "counter", command, float(count)))
+        for name in ("mailbox", "outgoing_copy", "not_ethercat"):
+            out.append(
+                (
+                    "cellwatch_ethercat_skipped_total",
+                    "counter",
+                    {**labels, "what": name},
+                    float(counts.get(name, 0)),
+                )
+            )
+        if stats.period_ns is not None:
+            out.append(("cellwatch_ethercat_bus_period_seconds", "gauge", labels, stats.period_ns / 1e9))
+        if stats.jitter_ns is not None:
+            out.append(("cellwatch_ethercat_bus_jitter_seconds", "gauge", labels, stats.jitter_ns / 1e9))
+        return out
+
+    async def aclose(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
