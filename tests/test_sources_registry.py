@@ -36,11 +36,15 @@ def test_every_config_type_has_a_builder_and_a_sample_block_that_loads() -> None
 def test_built_sources_have_the_one_source_shape(
     tmp_path: Path, tiny_cell_and_model: tuple[Path, Path]
 ) -> None:
+    from daemon.cli import main
     from flows.artifact import load_model
 
     cell, model = tiny_cell_and_model
     folder = tmp_path / "incoming"
     folder.mkdir()
+    bus = tmp_path / "bus.pcapng"
+    argv = ["synth", "--out", str(tmp_path / "small.parquet"), "--cycles", "3", "--pcap", str(bus)]
+    assert main([*argv, "--bus-hz", "100", "--pcap-copies", "1"]) == 0
     blocks = [
         {"type": "voraus_replay", "robot": "r1", "path": str(cell)},
         {"type": "image_folder", "robot": "r1", "path": str(folder)},
@@ -49,9 +53,11 @@ def test_built_sources_have_the_one_source_shape(
         {"type": "mqtt_frames", "host": "localhost"},
         {"type": "kafka_frames", "bootstrap": ["localhost:9092"]},
         {"type": "video", "url": "rtsp://127.0.0.1:1/none", "robot": "r1", "camera": "cam2"},
+        {"type": "ethercat", "capture": str(bus), "map": str(bus.with_name("bus.map.yaml")), "robot": "r2"},
     ]
     config = parse_config({"sources": blocks, "model": {"path": "m"}})
-    ctx = BuildContext(signals=list(load_model(model).card.signals), secret=secret)
+    card = load_model(model).card
+    ctx = BuildContext(signals=list(card.signals), secret=secret, rate_hz=card.rate_hz * 10)
     for src in config.sources:
         source = build_source(src, ctx)
         try:
