@@ -246,3 +246,34 @@ def test_a_cellwatch_the_sandbox_hides_is_refused(tmp_path: Path, capsys: pytest
     assert install(root, "--prefix", "/opt/nothing-here") == 2
     assert "no cellwatch executable at" in capsys.readouterr().err
     assert not (root / "etc").exists()
+
+
+@checkout_visible
+@needs_systemd
+def test_a_live_bus_capture_gets_the_capture_drop_in_and_nothing_more(tmp_path: Path) -> None:
+    """A config with an EtherCAT source on an interface needs raw sockets: install-service writes the
+    capture drop-in (CAP_NET_RAW and AF_PACKET only) next to the credentials one; a config that replays
+    a capture file gets no such rights."""
+    root = tmp_path / "root"
+    capture = Path("etc/systemd/system/cellwatch.service.d/capture.conf")
+    replay = write_config(
+        tmp_path / "replay.yaml",
+        {
+            "sources": [{"type": "ethercat", "capture": "bus.pcapng", "map": "m.yaml"}],
+            "model": {"path": "/m"},
+        },
+    )
+    assert install(root, "--config", str(replay)) == 0
+    assert not (root / capture).exists()
+
+    live = write_config(
+        tmp_path / "live.yaml",
+        {"sources": [{"type": "ethercat", "interface": "eth1", "map": "m.yaml"}], "model": {"path": "/m"}},
+    )
+    assert install(root, "--config", str(live), "--force") == 0
+    text = (root / capture).read_text()
+    assert directives(text, "AmbientCapabilities") == ["CAP_NET_RAW"]
+    assert directives(text, "CapabilityBoundingSet") == ["CAP_NET_RAW"]
+    assert "AF_PACKET" in directives(text, "RestrictAddressFamilies")[0]
+    assert mode(root / capture) == 0o644
+    assert verify(root / UNIT) == ""  # both drop-ins are read with the unit

@@ -32,6 +32,8 @@ CREDENTIALS_SUBDIR = "credentials"
 #: sample config come from there
 CHECKOUT = Path(__file__).resolve().parents[2]
 TEMPLATE = CHECKOUT / "systemd" / UNIT_NAME
+CAPTURE_DROP_IN = CHECKOUT / "systemd" / "cellwatch-capture.conf"
+CAPTURE_DROP_IN_NAME = "capture.conf"
 SAMPLE = CHECKOUT / "examples" / "service.yaml"
 #: directories the unit's sandbox hides (ProtectHome=yes, PrivateTmp=yes): an ExecStart there cannot run
 HIDDEN = tuple(Path(p) for p in ("/home", "/root", "/run/user", "/tmp", "/var/tmp"))  # noqa: S108
@@ -115,6 +117,7 @@ class Plan:
     config_source: str
     credentials: list[Credential]
     notes: list[str] = field(default_factory=list)
+    capture: str | None = None  # the live-capture drop-in, when a source captures on an interface
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         config_source=config_source,
         credentials=credentials,
         notes=notes,
+        capture=_capture_drop_in() if live_interfaces(config) else None,
     )
     unit_path = unit_dir / UNIT_NAME
     drop_in_path = unit_dir / f"{UNIT_NAME}.d" / DROP_IN_NAME
@@ -152,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"would keep {config_path}")
         print(f"would write {unit_path} (0644):\n{plan.unit}")
         print(f"would write {drop_in_path} (0644):\n{plan.drop_in}")
+        if plan.capture is not None:
+            print(f"would write {drop_in_path.with_name(CAPTURE_DROP_IN_NAME)} (0644):\n{plan.capture}")
     else:
         try:
             _install(plan, root, config_dir, credentials_dir, config_path, unit_path, drop_in_path)
@@ -232,6 +238,20 @@ def _template() -> str:
             f"cannot read the unit template {TEMPLATE}: {err.strerror} (install-service works from a "
             "git checkout installed with pip install -e)"
         ) from None
+
+
+def live_interfaces(config: Any) -> list[str]:
+    """The interfaces the config's EtherCAT sources capture on live (they need the capture drop-in)."""
+    from daemon.config import EthercatSource
+
+    return [s.interface for s in config.sources if isinstance(s, EthercatSource) and s.interface]
+
+
+def _capture_drop_in() -> str:
+    try:
+        return CAPTURE_DROP_IN.read_text()
+    except OSError as err:
+        raise UsageError(f"cannot read the capture drop-in {CAPTURE_DROP_IN}: {err.strerror}") from None
 
 
 def _systemd_path(path: Path) -> str:
@@ -398,6 +418,10 @@ def _install(
     _write(_under(root, drop_in_path), plan.drop_in, 0o644)
     names = ", ".join(c.name for c in plan.credentials) or "none"
     print(f"wrote {drop_in_path} (credentials: {names})")
+    if plan.capture is not None:
+        capture = drop_in_path.with_name(CAPTURE_DROP_IN_NAME)
+        _write(_under(root, capture), plan.capture, 0o644)
+        print(f"wrote {capture} (live EtherCAT capture: CAP_NET_RAW and AF_PACKET only)")
 
 
 def _directory(path: Path, mode: int, *, fix: bool = True) -> None:
