@@ -86,6 +86,8 @@ class BusChain:
         )
         self.checked = False
         self.last_ts: int | None = None
+        self.period_ns = int(period_ns)
+        self.slow_bus_warned = False
 
     def feed(self, records: RecordBatch) -> list[SignalBatch]:
         frames = self.decoder.decode(records)
@@ -100,7 +102,24 @@ class BusChain:
         out: list[SignalBatch] = []
         for start, means, cycles in self.resampler.push(rows.ts_ns, rows.values, rows.stale):
             out += self.cutter.push(start, means, cycles)
+        self._check_rate()
         return out
+
+    def _check_rate(self) -> None:
+        """A bus slower than the model's grid leaves grid samples empty (gaps everywhere): said once, with
+        the voraus reader's tolerance on rates."""
+        from ingest.voraus.schema import RATE_TOLERANCE
+
+        period = self.resampler.stats.period_ns
+        if self.slow_bus_warned or period is None or period <= self.period_ns * (1 + RATE_TOLERANCE):
+            return
+        self.slow_bus_warned = True
+        log.warning(
+            "%s: the bus runs at %.4g Hz, slower than the model's %.4g Hz grid: most grid samples are gaps",
+            self.pmap.source,
+            1e9 / period,
+            1e9 / self.period_ns,
+        )
 
     def finish(self) -> list[SignalBatch]:
         out: list[SignalBatch] = []
