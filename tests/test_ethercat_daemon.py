@@ -85,3 +85,31 @@ def test_a_bus_capture_scores_as_the_parquet_file_of_the_same_cycles(
     # the bus carries integers (positions at 0.1 µrad, targets at 1e-6): scores agree to about 1e-4
     np.testing.assert_allclose(got, want, rtol=5e-4)
     assert [bus[c]["is_anomaly"] for c in sorted(bus)] == [parquet[c]["is_anomaly"] for c in sorted(bus)]
+
+
+def test_a_map_that_does_not_fit_the_capture_fails_at_start_naming_the_signal(
+    capture: Path, tiny_cell_and_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signal at a logical address no datagram of the bus covers is a config error (exit 2, no restart
+    loop), found when the first process data arrives, before anything is scored."""
+    _, model = tiny_cell_and_model
+    text = (capture / "bus.map.yaml").read_text()
+    wrong = tmp_path / "wrong.map.yaml"
+    wrong.write_text(text + "  - {name: extra_signal, address: 0x00090000, type: int32}\n")
+    config = {
+        "sources": [
+            {"type": "ethercat", "capture": str(capture / "bus.pcapng"), "map": str(wrong), "speed": 1e9}
+        ],
+        "model": {"path": str(model)},
+        "sinks": {"file": {"path": str(tmp_path / "scores.jsonl")}},
+        "metrics": {"listen": None},
+    }
+    path = tmp_path / "wrong.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "extra_signal" in err
+    assert (
+        not (tmp_path / "scores.jsonl").exists()
+        or "anomaly_score" not in (tmp_path / "scores.jsonl").read_text()
+    )

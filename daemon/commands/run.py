@@ -447,12 +447,13 @@ def execute(config: Any, config_path: Path | None = None) -> int:
                 notifier.stopping()
             notifier.close()
 
+    from ingest.errors import ConfigurationError
     from ingest.mqtt import BrokerRefused
 
     try:
         stats = asyncio.run(main())
-    except BrokerRefused as err:  # credentials or certificate refused: a restart would not help
-        raise UsageError(str(err)) from err
+    except (BrokerRefused, ConfigurationError) as err:  # refused, or a map that does not fit: a restart
+        raise UsageError(str(err)) from err  # would not help
     except SourceUnavailable as err:
         # not a config error: the broker may come back; exit 75 (EX_TEMPFAIL), which the unit restarts on
         log.error("a source is unavailable at start-up: %s", err)

@@ -57,7 +57,7 @@ import defusedxml.ElementTree
 import numpy as np
 import yaml
 
-from ingest.errors import IngestError
+from ingest.errors import ConfigurationError
 from ingest.ethercat.types import COMMANDS, LOGICAL, DatagramKey, FrameBatch
 
 MAX_YAML_BYTES: Final = 1 << 20
@@ -76,7 +76,7 @@ WRITES: Final = frozenset({2, 3, 5, 6, 8, 9, 11, 12})
 LOGICAL_NAMES: Final = {"LRD": 10, "LWR": 11, "LRW": 12}
 
 
-class MapError(IngestError):
+class MapError(ConfigurationError):
     """A process map cannot be used: the message names the file, the entry and the field."""
 
     def __init__(self, message: str, *, entry: str | None = None, field: str | None = None) -> None:

@@ -253,24 +253,47 @@ class EthercatSource:
             self._reader = CaptureReader(self.capture, chunk_records=chunk_records)  # CaptureError at once
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ethercat-{self.robot}")
         self.messages = 0
+        self._iter: Iterator[RecordBatch] | None = None
+        self._early: list[SignalBatch] = []  # messages made while start() checked the map
 
     async def start(self) -> None:
+        """Live: open the socket (SourceUnavailable when it cannot be). A capture: read up to its first
+        process data, so that a map that does not fit the capture fails here, at start-up (MapError)."""
         if self.interface is not None:
             try:
                 self._live = await asyncio.to_thread(LiveCapture, self.interface)
             except IngestError as err:
                 raise SourceUnavailable(str(err)) from err
+            return
+        loop = asyncio.get_running_loop()
+        self._early = await loop.run_in_executor(self._thread, self._prime)
 
-    def _records(self) -> Iterator[RecordBatch]:
-        if self._reader is not None:
-            return self._reader.batches()
-        assert self._live is not None, "start() the live source first"
-        return self._live.batches()
+    def _prime(self, batches: int = 64) -> list[SignalBatch]:
+        records = self._iterator()
+        out: list[SignalBatch] = []
+        for _ in range(batches):
+            batch = next(records, None)
+            if batch is None:
+                break
+            out += self.chain.feed(batch)
+            if self.chain.checked:
+                break
+        return out
+
+    def _iterator(self) -> Iterator[RecordBatch]:
+        if self._iter is None:
+            if self._reader is not None:
+                self._iter = self._reader.batches()
+            else:
+                assert self._live is not None, "start() the live source first"
+                self._iter = self._live.batches()
+        return self._iter
 
     async def deliveries(self) -> AsyncIterator[Delivery]:
         loop = asyncio.get_running_loop()
-        records = self._records()
+        records = self._iterator()
         sentinel = object()
+        early, self._early = self._early, []
 
         def step() -> list[SignalBatch] | object:
             batch = next(records, sentinel)
@@ -282,7 +305,8 @@ class EthercatSource:
         paced_from: tuple[float, int] | None = None  # (loop time, capture time) of the first message
         try:
             while True:
-                got = await loop.run_in_executor(self._thread, step)
+                got = early if early else await loop.run_in_executor(self._thread, step)
+                early = []
                 messages = self.chain.finish() if got is sentinel else got
                 assert isinstance(messages, list)
                 for message in messages:
