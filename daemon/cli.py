@@ -17,6 +17,7 @@ from ingest.errors import IngestError
 #: subcommand name -> module in daemon.commands providing add_parser() and run()
 COMMANDS: dict[str, str] = {
     "inspect": "daemon.commands.inspect",
+    "capture": "daemon.commands.capture",
     "synth": "daemon.commands.synth",
     "train": "daemon.commands.train",
     "evaluate": "daemon.commands.evaluate",
