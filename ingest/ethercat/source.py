@@ -135,20 +135,34 @@ class BusChain:
 class LiveCapture:
     """EtherCAT frames from a network interface: an AF_PACKET socket with a BPF filter on EtherType
     0x88A4 (needs CAP_NET_RAW, which the unit's capture drop-in grants), kernel timestamps (SO_TIMESTAMPNS).
-    `batches()` yields a RecordBatch every LIVE_BATCH_S or LIVE_BATCH_FRAMES frames until `stop()`."""
+    `batches()` yields a RecordBatch of the frames that came in within LIVE_BATCH_S of a batch's first one
+    (at most LIVE_BATCH_FRAMES) until `stop()`.
+
+    The socket is bound to `interface` before it takes any frame (it is opened for no protocol, filtered,
+    then bound for 0x88A4), so a frame of another interface is never seen, not even while it opens. Its
+    receive buffer is RCVBUF (as far as `net.core.rmem_max` allows without CAP_NET_ADMIN): a 4 kHz bus
+    of 1500-byte frames fills the default 208 KiB in about 25 ms. Frames the kernel still had to drop (a
+    full buffer) are counted in `counts["kernel_drops"]` and logged."""
+
+    RCVBUF: Final = 4 * 2**20  # receive buffer: a few hundred ms of a 4 kHz bus of full-size frames
+    _SOL_PACKET: Final = getattr(socket, "SOL_PACKET", 263)
+    _PACKET_STATISTICS: Final = 6
 
     def __init__(self, interface: str) -> None:
         self.interface = interface
         self._stop = threading.Event()
+        self._reading = False
         self.counts: Counter[str] = Counter()
         try:
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+            # protocol 0: the socket takes no frames until bind() names the interface and the EtherType
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         except PermissionError as err:
             raise IngestError(f"live capture on {interface}: {err.strerror} (needs CAP_NET_RAW)") from err
         try:
             self._attach_filter()
+            self._grow_buffer()
             self.sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_TIMESTAMPNS", 35), 1)
-            self.sock.bind((interface, 0))
+            self.sock.bind((interface, ETHERTYPE))
             self.sock.settimeout(0.2)
         except OSError as err:
             self.sock.close()
@@ -163,16 +177,47 @@ class LiveCapture:
         self._filter = buf  # kept alive while attached
         self.sock.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
 
+    def _grow_buffer(self) -> None:
+        try:  # beyond net.core.rmem_max: needs CAP_NET_ADMIN
+            self.sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), self.RCVBUF)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+
+    def _kernel_drops(self) -> None:
+        """PACKET_STATISTICS (read and reset by the kernel): frames dropped for a full receive buffer."""
+        try:
+            _packets, drops = struct.unpack(
+                "II", self.sock.getsockopt(self._SOL_PACKET, self._PACKET_STATISTICS, 8)
+            )
+        except OSError:
+            return
+        if drops:
+            self.counts["kernel_drops"] += drops
+            log.warning(
+                "live capture on %s: the kernel dropped %d frames (receive buffer full: the decoding falls "
+                "behind the bus)",
+                self.interface,
+                drops,
+            )
+
     def stop(self) -> None:
         self._stop.set()
 
+    def close(self) -> None:
+        """Stop; a capture whose `batches()` never ran releases its socket here (`batches()` closes it
+        when it ends)."""
+        self._stop.set()
+        if not self._reading:
+            self.sock.close()
+
     def batches(self) -> Iterator[RecordBatch]:
         ancillary = socket.CMSG_SPACE(16)
+        self._reading = True
         try:
             while not self._stop.is_set():
                 frames: list[bytes] = []
                 stamps: list[int] = []
-                deadline = time.monotonic() + LIVE_BATCH_S
+                deadline = math.inf  # from the batch's first frame: after a quiet spell, not a batch of one
                 while len(frames) < LIVE_BATCH_FRAMES and time.monotonic() < deadline:
                     try:
                         data, anc, _flags, _addr = self.sock.recvmsg(MAX_FRAME, ancillary)
@@ -189,8 +234,11 @@ class LiveCapture:
                         if level == socket.SOL_SOCKET and kind == getattr(socket, "SO_TIMESTAMPNS", 35):
                             sec, nsec = struct.unpack("qq", value[:16])
                             stamp = sec * 1_000_000_000 + nsec
+                    if not frames:
+                        deadline = time.monotonic() + LIVE_BATCH_S
                     frames.append(data)
                     stamps.append(stamp)
+                self._kernel_drops()
                 if frames:
                     self.counts["frames"] += len(frames)
                     yield _records(stamps, frames)
