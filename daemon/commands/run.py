@@ -357,9 +357,14 @@ def execute(config: Any, config_path: Path | None = None) -> int:
             for source in sources:
                 await source.start()
                 started.append(source)
-        except SourceUnavailable:
+        except BaseException:  # unavailable, or a source that cannot work as configured: release all
             for source in started:
                 await source.aclose()
+            for source in sources:
+                if source not in started:
+                    source.close()
+            for sink in sinks:
+                await sink.close(drain_timeout_s=config.stop_drain_s)
             raise
         run_task = asyncio.create_task(pipeline.run(drain_timeout_s=config.stop_drain_s), name="pipeline")
 

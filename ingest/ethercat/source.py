@@ -39,7 +39,7 @@ from ingest.ethercat.mapping import (
 )
 from ingest.ethercat.pcap import CaptureReader
 from ingest.ethercat.resample import CycleCutter, Resampler
-from ingest.ethercat.types import ETHERTYPE, LINKTYPE_ETHERNET, RecordBatch
+from ingest.ethercat.types import ETHERTYPE, LINKTYPE_ETHERNET, LOGICAL, DatagramKey, RecordBatch
 from ingest.messages import SignalBatch
 from ingest.source import SIGNALS, Delivery, Kind, Sample, no_ack
 from ingest.stream import SourceUnavailable
@@ -85,17 +85,19 @@ class BusChain:
             robot, period_ns, np.array([names.index(s) for s in signals]), max_rows=max_rows
         )
         self.checked = False
+        self.seen: set[DatagramKey] = set()  # datagrams seen before the map was checked
         self.last_ts: int | None = None
         self.period_ns = int(period_ns)
         self.slow_bus_warned = False
 
     def feed(self, records: RecordBatch) -> list[SignalBatch]:
         frames = self.decoder.decode(records)
-        if not self.checked and frames.datagrams:
-            check_coverage(self.pmap, frames.datagrams)  # raises MapError naming what no datagram holds
-            self.checked = True
         if not self.checked:
-            return []  # no process data yet (start-up traffic, mailbox only)
+            self.seen.update(frames.datagrams)
+            if not any(key.command in LOGICAL for key in self.seen):
+                return []  # no process data yet: the master is still bringing the bus up (register reads)
+            check_coverage(self.pmap, self.seen)  # raises MapError naming what no datagram holds
+            self.checked = True
         rows = self.extractor.extract(frames)
         if len(rows):
             self.last_ts = int(rows.ts_ns[-1])
@@ -353,7 +355,10 @@ class EthercatSource:
         paced_from: tuple[float, int] | None = None  # (loop time, capture time) of the first message
         try:
             while True:
-                got = early if early else await loop.run_in_executor(self._thread, step)
+                try:
+                    got = early if early else await loop.run_in_executor(self._thread, step)
+                except RuntimeError:  # closed meanwhile (aclose shut the worker down): the source ends
+                    return
                 early = []
                 messages = self.chain.finish() if got is sentinel else got
                 assert isinstance(messages, list)
@@ -406,6 +411,19 @@ class EthercatSource:
                     float(counts.get(name, 0)),
                 )
             )
+        if self._live is not None:
+            live = self._live.counts
+            out.append(
+                (
+                    "cellwatch_ethercat_kernel_drops_total",
+                    "counter",
+                    labels,
+                    float(live.get("kernel_drops", 0)),
+                )
+            )
+            out.append(
+                ("cellwatch_ethercat_recv_errors_total", "counter", labels, float(live.get("recv_errors", 0)))
+            )
         if stats.period_ns is not None:
             out.append(("cellwatch_ethercat_bus_period_seconds", "gauge", labels, stats.period_ns / 1e9))
         if stats.jitter_ns is not None:
@@ -421,3 +439,5 @@ class EthercatSource:
         self._thread.shutdown(wait=True)
         if self._reader is not None:
             self._reader.close()
+        if self._live is not None:
+            self._live.close()
