@@ -444,7 +444,14 @@ class FrameDecoder:
         if n:
             counts["records"] = n
 
-        inside = (offsets >= 0) & (lengths >= 0) & (offsets + lengths <= len(buf))
+        size = len(buf)
+        # no sum that can overflow: an offset near 2**63 must not wrap round into the buffer
+        inside = (
+            (offsets >= 0)
+            & (lengths >= 0)
+            & (offsets <= size)
+            & (lengths <= size - np.minimum(offsets, size))
+        )
         oversize = inside & (lengths > MAX_RECORD_BYTES)
         if not inside.all():
             rejections[BAD_RECORD] += int((~inside).sum())

@@ -350,6 +350,9 @@ def resolve(pmap: ProcessMap, keys: Iterable[DatagramKey]) -> list[tuple[Datagra
     return out
 
 
+SHOWN_PROBLEMS = 5  # signals (and datagrams) named in a coverage error; the rest are counted
+
+
 def check_coverage(pmap: ProcessMap, keys: Iterable[DatagramKey]) -> None:
     """Raise MapError naming each signal whose bytes no datagram among `keys` holds (or that two hold,
     so that the map must say which `command`). For an ENI map pass its own `commands`' keys to check the
@@ -367,10 +370,16 @@ def check_coverage(pmap: ProcessMap, keys: Iterable[DatagramKey]) -> None:
             continue
         named.append(s.name)
     if problems:
-        seen = ", ".join(k.name for k in ks) or "none"
+        shown_keys = [k.name for k in ks[:SHOWN_PROBLEMS]]
+        more_keys = f" and {len(ks) - SHOWN_PROBLEMS} more" if len(ks) > SHOWN_PROBLEMS else ""
+        seen = ", ".join(shown_keys) + more_keys or "none"
+        more = (
+            f"; and {len(problems) - SHOWN_PROBLEMS} more signals" if len(problems) > SHOWN_PROBLEMS else ""
+        )
         raise MapError(
-            f"{pmap.source or 'process map'}: signals not on the bus: "
-            + "; ".join(problems)
+            f"{pmap.source or 'process map'}: {len(problems)} signals not on the bus: "
+            + "; ".join(problems[:SHOWN_PROBLEMS])
+            + more
             + f" (datagrams: {seen})",
             entry=named[0] if len(named) == 1 else None,
             field="address",
@@ -941,6 +950,11 @@ class SignalExtractor:
     @property
     def names(self) -> tuple[str, ...]:
         return self.pmap.names
+
+    def bind(self, keys: Iterable[DatagramKey]) -> None:
+        """Bind the signals to these datagrams (those the bus carries regularly) before the first batch:
+        a datagram seen only in a damaged frame must not capture a signal."""
+        self._bind(keys)
 
     def _bind(self, keys: Iterable[DatagramKey]) -> None:
         found = resolve(self.pmap, keys)

@@ -39,11 +39,22 @@ class BusStats:
     counts: Counter[str] = field(default_factory=Counter)
 
 
+MAX_JUMP_NS = (
+    10_000_000_000  # a capture time this far ahead of the last is an outlier unless the next confirms it
+)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class Resampler:
     """`push(ts_ns, values, stale)` bus cycles in capture order; yields finished grid samples as
     `(time_ns, means (B, S) float64, cycle (B,) int64 or None)` blocks of consecutive grid samples (a
-    gap starts a new block). The last, still open grid sample is held until a later bus cycle closes it
-    (`flush()` at the end of a capture)."""
+    gap starts a new block). The newest grid sample stays open (its running sum and count: O(1) memory,
+    whatever the capture's clock does) until a later bus cycle closes it (`flush()` at the end).
+
+    Capture times a damaged capture gives are dropped and counted, never raised: before the epoch or
+    past int64 (`before_epoch`), going back (`backwards`), a lone time far ahead (`jump_ahead`: more than
+    MAX_JUMP_NS past the last one and not confirmed by the next); so are bus cycles with values that are
+    not finite or beyond float32 (`nonfinite`: the model's samples are float32)."""
 
     def __init__(self, period_ns: int, *, cycle_column: int | None = None) -> None:
         if period_ns <= 0:
@@ -51,9 +62,33 @@ class Resampler:
         self.period_ns = int(period_ns)
         self.cycle_column = cycle_column
         self.stats = BusStats()
-        self._held: tuple[np.ndarray, np.ndarray] | None = None  # fresh bus cycles of the open grid sample
+        # the open grid sample: (bin, sum of its fresh bus cycles, their count, its first bus cycle's row)
+        self._open: tuple[int, np.ndarray, int, np.ndarray] | None = None
         self._last_ts: int | None = None
         self._last_bin: int | None = None
+
+    def _ordered(self, ts: np.ndarray) -> np.ndarray:
+        """Which capture times can be placed: in order, none a lone jump far ahead."""
+        steps = np.diff(ts, prepend=ts[:1] if self._last_ts is None else np.array([self._last_ts]))
+        fine = (steps >= 0) & (steps <= MAX_JUMP_NS)
+        if fine.all():
+            self._last_ts = int(ts[-1])
+            return fine
+        keep = np.zeros(len(ts), dtype=bool)  # the rare damaged stretch: decided one time at a time
+        last = self._last_ts
+        for k, t in enumerate(ts.tolist()):
+            if last is None or 0 <= t - last <= MAX_JUMP_NS:
+                keep[k], last = True, t
+            elif t > last:  # far ahead: a real jump (the capture paused) only if the next time follows it
+                following = ts[k + 1] if k + 1 < len(ts) else None
+                if following is not None and 0 <= following - t <= MAX_JUMP_NS:
+                    keep[k], last = True, t
+                else:
+                    self.stats.counts["jump_ahead"] += 1
+            else:
+                self.stats.backwards += 1
+        self._last_ts = last
+        return keep
 
     def push(
         self, ts_ns: np.ndarray, values: np.ndarray, stale: np.ndarray
@@ -64,39 +99,55 @@ class Resampler:
         if not len(ts):
             return
         self.stats.bus_cycles += len(ts)
-        self._clock(ts)
-        keep = ~stale
-        self.stats.stale += int(stale.sum())
-        # capture times that go back cannot be placed: dropped, counted
-        prev = self._last_ts if self._last_ts is not None else int(ts[0])
-        order_ok = np.diff(np.concatenate([[prev], ts])) >= 0
-        running = np.maximum.accumulate(np.concatenate([[prev], ts]))[1:]
-        order_ok &= ts >= running
-        self.stats.backwards += int((~order_ok).sum())
-        keep &= order_ok
-        self._last_ts = int(running[-1])
+        placeable = (ts >= 0) & (ts <= np.iinfo(np.int64).max - 4 * self.period_ns)
+        if not placeable.all():
+            self.stats.counts["before_epoch"] += int((~placeable).sum())
+            ts, values, stale = ts[placeable], values[placeable], stale[placeable]
+            if not len(ts):
+                return
+        previous = self._last_ts
+        keep = self._ordered(ts)
+        placed = ts[keep]
+        self._clock(placed if previous is None else np.concatenate([[previous], placed]))
+        self.stats.stale += int((stale & keep).sum())
+        keep &= ~stale
+        with np.errstate(invalid="ignore"):
+            finite = (np.abs(values) <= FLOAT32_MAX).all(axis=1)  # NaN and inf compare False
+        bad = keep & ~finite
+        if bad.any():
+            self.stats.counts["nonfinite"] += int(bad.sum())
+            keep &= finite
         ts, values = ts[keep], values[keep]
-        if self._held is not None:
-            ts = np.concatenate([self._held[0], ts])
-            values = np.concatenate([self._held[1], values])
-            self._held = None
         if not len(ts):
             return
         bins = ts // self.period_ns
-        # the newest grid sample may still get bus cycles: hold it
-        last = int(bins[-1])
-        done = bins < last
-        self._held = (ts[~done], values[~done])
-        yield from self._emit(bins[done], values[done])
+        starts = np.flatnonzero(np.concatenate([[True], bins[1:] != bins[:-1]]))
+        unique = bins[starts]
+        counts = np.diff(np.concatenate([starts, [len(bins)]]))
+        sums = np.add.reduceat(values, starts, axis=0)
+        firsts = values[starts]
+        if self._open is not None:
+            bin_, total, count, first = self._open
+            if unique[0] == bin_:
+                sums[0] += total
+                counts[0] += count
+                firsts[0] = first
+            else:  # the open grid sample is complete: it goes out ahead of this batch's
+                unique = np.concatenate([[bin_], unique])
+                sums = np.concatenate([total[None], sums])
+                counts = np.concatenate([[count], counts])
+                firsts = np.concatenate([first[None], firsts])
+        self._open = (int(unique[-1]), sums[-1].copy(), int(counts[-1]), firsts[-1].copy())
+        yield from self._emit(unique[:-1], sums[:-1], counts[:-1], firsts[:-1])
 
     def flush(self) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        if self._held is not None and len(self._held[0]):
-            ts, values = self._held
-            self._held = None
-            yield from self._emit(ts // self.period_ns, values)
+        if self._open is not None:
+            bin_, total, count, first = self._open
+            self._open = None
+            yield from self._emit(np.array([bin_]), total[None], np.array([count]), first[None])
 
     def _clock(self, ts: np.ndarray) -> None:
-        steps = np.diff(ts if self._last_ts is None else np.concatenate([[self._last_ts], ts]))
+        steps = np.diff(ts)
         steps = steps[steps > 0]
         if len(steps) < 2:
             return
@@ -107,18 +158,14 @@ class Resampler:
         self.stats.lost += int(np.maximum(np.rint(steps[big] / period) - 1, 0).sum())
 
     def _emit(
-        self, bins: np.ndarray, values: np.ndarray
+        self, unique: np.ndarray, sums: np.ndarray, counts: np.ndarray, firsts: np.ndarray
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        if not len(bins):
+        if not len(unique):
             return
-        starts = np.flatnonzero(np.concatenate([[True], bins[1:] != bins[:-1]]))
-        unique = bins[starts]
-        counts = np.diff(np.concatenate([starts, [len(bins)]]))
-        sums = np.add.reduceat(values, starts, axis=0)
         means = sums / counts[:, None]
         cycles = None
         if self.cycle_column is not None:
-            cycles = np.rint(values[starts, self.cycle_column]).astype(np.int64)  # the first bus cycle's
+            cycles = np.rint(firsts[:, self.cycle_column]).astype(np.int64)  # the first bus cycle's
         # consecutive runs of grid samples; a missing grid sample is a gap
         previous = self._last_bin
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
@@ -155,7 +202,8 @@ class CycleCutter:
 
     def push(self, time_ns: int, means: np.ndarray, cycles: np.ndarray | None) -> list[SignalBatch]:
         out: list[SignalBatch] = []
-        rows = means[:, self.columns].astype(np.float32)
+        with np.errstate(over="ignore"):  # the resampler left out values beyond float32
+            rows = means[:, self.columns].astype(np.float32)
         if self._next_ns is not None and time_ns != self._next_ns:
             missing = max((time_ns - self._next_ns) // self.period_ns, 0)
             out += self._send(len(self._pending) if self._pending is not None else 0, cycle_end=False)

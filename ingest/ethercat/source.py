@@ -39,13 +39,16 @@ from ingest.ethercat.mapping import (
 )
 from ingest.ethercat.pcap import CaptureReader
 from ingest.ethercat.resample import CycleCutter, Resampler
-from ingest.ethercat.types import ETHERTYPE, LINKTYPE_ETHERNET, LOGICAL, DatagramKey, RecordBatch
+from ingest.ethercat.types import ETHERTYPE, LINKTYPE_ETHERNET, LOGICAL, DatagramKey, FrameBatch, RecordBatch
 from ingest.messages import SignalBatch
 from ingest.source import SIGNALS, Delivery, Kind, Sample, no_ack
 from ingest.stream import SourceUnavailable
 
 log = logging.getLogger(__name__)
 
+CHECK_FRAMES: Final = 256  # frames of process data the map is checked against (or CHECK_SPAN_NS of them)
+CHECK_SPAN_NS: Final = 1_000_000_000
+RARE_SHARE: Final = 0.05  # a datagram in fewer than 5 % of the frames the most common one is in: damage
 LIVE_BATCH_FRAMES: Final = 4096
 LIVE_BATCH_S: Final = 0.05
 MAX_FRAME: Final = 9216  # a jumbo frame; EtherCAT frames are at most 1514 bytes
@@ -85,19 +88,48 @@ class BusChain:
             robot, period_ns, np.array([names.index(s) for s in signals]), max_rows=max_rows
         )
         self.checked = False
-        self.seen: set[DatagramKey] = set()  # datagrams seen before the map was checked
+        self._pending: list[FrameBatch] = []  # decoded while the map is not checked yet (bounded below)
+        self._key_frames: Counter[DatagramKey] = Counter()  # frames per datagram before the check
         self.last_ts: int | None = None
         self.period_ns = int(period_ns)
         self.slow_bus_warned = False
 
     def feed(self, records: RecordBatch) -> list[SignalBatch]:
         frames = self.decoder.decode(records)
-        if not self.checked:
-            self.seen.update(frames.datagrams)
-            if not any(key.command in LOGICAL for key in self.seen):
-                return []  # no process data yet: the master is still bringing the bus up (register reads)
-            check_coverage(self.pmap, self.seen)  # raises MapError naming what no datagram holds
-            self.checked = True
+        if self.checked:
+            return self._signals(frames)
+        # the map is checked against what the bus carries over its first CHECK_FRAMES frames of process
+        # data (or CHECK_SPAN_NS of capture time): one batch is too little (one damaged frame in it is a
+        # second datagram "holding" the signals; a slow task's datagram may not have come yet)
+        self._pending.append(frames)
+        for key, cols in frames.datagrams.items():
+            self._key_frames[key] += len(cols.frame)
+        logical = [n for k, n in self._key_frames.items() if k.command in LOGICAL]
+        if not logical:
+            self._pending = [f for f in self._pending if f.datagrams][-4:]  # start-up register traffic
+            return []
+        times = [f.ts_ns for f in self._pending if len(f.ts_ns)]
+        span = int(times[-1][-1]) - int(times[0][0]) if times else 0
+        if max(logical) < CHECK_FRAMES and span < CHECK_SPAN_NS:
+            return []
+        return self._check_and_release()
+
+    def _check_and_release(self) -> list[SignalBatch]:
+        """Check the map against the datagrams the bus carries regularly (a key seen in fewer than
+        RARE_SHARE of the most common one's frames is damage, not a datagram of the bus), bind the
+        signals to them, then decode what was held meanwhile."""
+        top = max((n for k, n in self._key_frames.items() if k.command in LOGICAL), default=0)
+        regular = [k for k, n in self._key_frames.items() if n >= max(2.0, RARE_SHARE * top)]
+        check_coverage(self.pmap, regular)  # raises MapError naming what no datagram holds
+        self.extractor.bind(regular)
+        self.checked = True
+        pending, self._pending = self._pending, []
+        out: list[SignalBatch] = []
+        for frames in pending:
+            out += self._signals(frames)
+        return out
+
+    def _signals(self, frames: FrameBatch) -> list[SignalBatch]:
         rows = self.extractor.extract(frames)
         if len(rows):
             self.last_ts = int(rows.ts_ns[-1])
@@ -125,6 +157,8 @@ class BusChain:
 
     def finish(self) -> list[SignalBatch]:
         out: list[SignalBatch] = []
+        if not self.checked and any(k.command in LOGICAL for k in self._key_frames):
+            out += self._check_and_release()  # a capture shorter than the check window
         for start, means, cycles in self.resampler.flush():
             out += self.cutter.push(start, means, cycles)
         return out + self.cutter.finish()
