@@ -38,7 +38,7 @@ from ingest.ethercat.mapping import (
     load_yaml_map,
 )
 from ingest.ethercat.pcap import CaptureReader
-from ingest.ethercat.resample import CycleCutter, Resampler
+from ingest.ethercat.resample import MAX_JUMP_NS, CycleCutter, Resampler
 from ingest.ethercat.types import ETHERTYPE, LINKTYPE_ETHERNET, LOGICAL, DatagramKey, FrameBatch, RecordBatch
 from ingest.messages import SignalBatch
 from ingest.source import SIGNALS, Delivery, Kind, Sample, no_ack
@@ -108,8 +108,11 @@ class BusChain:
         if not logical:
             self._pending = [f for f in self._pending if f.datagrams][-4:]  # start-up register traffic
             return []
-        times = [f.ts_ns for f in self._pending if len(f.ts_ns)]
-        span = int(times[-1][-1]) - int(times[0][0]) if times else 0
+        times = np.concatenate([f.ts_ns for f in self._pending]) if self._pending else np.empty(0, np.int64)
+        steps = np.diff(times)
+        span = int(
+            steps[(steps >= 0) & (steps <= MAX_JUMP_NS)].sum()
+        )  # a damaged far-ahead time ends nothing
         if max(logical) < CHECK_FRAMES and span < CHECK_SPAN_NS:
             return []
         return self._check_and_release()
@@ -119,7 +122,9 @@ class BusChain:
         RARE_SHARE of the most common one's frames is damage, not a datagram of the bus), bind the
         signals to them, then decode what was held meanwhile."""
         top = max((n for k, n in self._key_frames.items() if k.command in LOGICAL), default=0)
-        regular = [k for k, n in self._key_frames.items() if n >= max(2.0, RARE_SHARE * top)]
+        # a datagram seen once is damage in a long capture, but may be all there is of a short (cut) one
+        floor = 2 if top >= 2 / RARE_SHARE else 1
+        regular = [k for k, n in self._key_frames.items() if n >= max(floor, RARE_SHARE * top)]
         check_coverage(self.pmap, regular)  # raises MapError naming what no datagram holds
         self.extractor.bind(regular)
         self.checked = True
