@@ -1,7 +1,7 @@
 """Inputs the EtherCAT fuzz campaign (benchmarks/fuzz_ethercat.py) found failing, shrunk to a few frames.
 
 Each test is what a user of the capture source gets when the bus, the capture or its file is damaged in
-that way. The comment above each says what failed where, before the fixes (d56c7ac, a9964d8), and how
+that way. The comment above each says what failed where, before the fixes (d56c7ac, a9964d8, 77ddf5b), and how
 (the campaign's report: benchmarks/results/fuzz_ethercat.md).
 """
 
@@ -171,14 +171,14 @@ def test_a_map_over_two_frames_starts_from_a_batch_holding_only_one_of_them(tmp_
     assert rows(messages) >= 35
 
 
-# F1d (found by the campaign after a9964d8, open). BusChain._check_and_release (source.py:122) takes as
-# the bus's datagrams those seen in `max(2.0, RARE_SHARE * top)` frames or more. In a short capture (a
-# damaged file whose readable part ends after a few frames: pcap stops at a bad record header, pcapng
-# skips the rest of a section) a datagram seen once is left out although nothing else was seen more
-# often (a slow task's datagram; with one frame of process data even the only LRW), and finish() raises
-# MapError "... signals not on the bus" for a map that fits: 65 of the 3,000 damaged files of the final
-# run, the most common logical datagram in 6 frames or fewer. Proposed fix: the floor of 2 only once the
-# most common key has 2 / RARE_SHARE = 40 frames (`n >= RARE_SHARE * top and (n >= 2 or top < 40)`).
+# F1d (found by the campaign's second full run, on a9964d8). BusChain._check_and_release (source.py:122)
+# took as the bus's datagrams those seen in `max(2.0, RARE_SHARE * top)` frames or more. In a short
+# capture (a damaged file whose readable part ends after a few frames: pcap stops at a bad record header,
+# pcapng skips the rest of a section) a datagram seen once was left out although nothing else was seen
+# more often (a slow task's datagram; with one frame of process data even the only LRW), and finish()
+# raised MapError "... signals not on the bus" for a map that fits: 65 of the 3,000 damaged files of that
+# run, the most common logical datagram in 6 frames or fewer. Fixed (77ddf5b): the floor of 2 only once
+# the most common key has 2 / RARE_SHARE = 40 frames.
 
 
 def test_a_capture_cut_after_its_first_frame_gives_that_bus_cycle(cell_map: ProcessMap) -> None:
@@ -196,12 +196,11 @@ def test_a_short_capture_with_one_frame_of_the_slow_task_gives_its_bus_cycles(tm
     assert rows(chain.feed(records(ts, frames)) + chain.finish()) >= 1
 
 
-# F1e (found by the campaign after a9964d8, open). BusChain.feed (source.py:112) ends the check window
-# when the pending frames span CHECK_SPAN_NS, measured first to last (`times[-1][-1] - times[0][0]`): one
+# F1e (found by the campaign's second full run, on a9964d8). BusChain.feed (source.py:112) ended the
+# check window when the pending frames spanned CHECK_SPAN_NS, measured from the first to the last: one
 # damaged capture time far ahead (a flipped high bit of a pcapng timestamp) at the end of the first batch
-# ends it at once, and the map is checked on that batch's few frames: a slow task's datagram not among
-# them, MapError (3 of the 3,000 files). Proposed fix: measure the span over times that follow each other
-# (leave out steps beyond resample.MAX_JUMP_NS, as Resampler._ordered does), or count bus cycles only.
+# ended it at once, and the map was checked on that batch's few frames: a slow task's datagram not among
+# them, MapError (3 of the 3,000 files). Fixed (77ddf5b): the span sums the steps up to MAX_JUMP_NS.
 
 
 def test_one_damaged_time_does_not_end_the_map_check_window(tmp_path: Path) -> None:
