@@ -54,7 +54,8 @@ class ScoredFrame:
     overlay: str = ""  # file name in the overlay directory ("" when none was saved)
 
 
-def _finite(value: float, cap: float = NORMALIZED_CAP) -> float:
+def finite(value: float, cap: float = NORMALIZED_CAP) -> float:
+    """A field value sinks can store: non-finite becomes ±cap (the score is flagged, never lost)."""
     value = float(value)
     if math.isfinite(value):
         return value
@@ -71,8 +72,8 @@ def frame_point(result: ScoredFrame, model: str, threshold: float) -> Point:
     return Point(
         IMAGE_SCORE_MEASUREMENT,
         {
-            "score": _finite(result.score),
-            "normalized_score": _finite(result.normalized),
+            "score": finite(result.score),
+            "normalized_score": finite(result.normalized),
             "threshold": float(threshold),
             "is_anomaly": bool(result.is_anomaly),
             "frame": frame.ref,
@@ -105,7 +106,7 @@ def camera_alert_point(alert: Alert, robot: str, camera: str, model: str, update
             "end_ns": int(end),
             "updated_ns": int(updated_ns),
             "duration_s": (end - alert.start_ns) / 1e9,
-            "peak_score": _finite(alert.peak_score),
+            "peak_score": finite(alert.peak_score),
             "peak_cycle": int(alert.peak_cycle),
             "event_time_ns": int(alert.peak_time_ns),
             "windows": int(alert.windows),
@@ -115,7 +116,7 @@ def camera_alert_point(alert: Alert, robot: str, camera: str, model: str, update
             "frame": ref,
             "overlay": overlay,
             "text": (
-                f"{robot} camera {camera}{ongoing}: image score {_finite(alert.peak_score):.2f}x threshold "
+                f"{robot} camera {camera}{ongoing}: image score {finite(alert.peak_score):.2f}x threshold "
                 f"at frame {ref}" + (f"; overlay {overlay}" if overlay else "")
             ),
         },
@@ -200,8 +201,8 @@ class Fusion:
             CYCLE_MEASUREMENT,
             {
                 "cycle": int(cycle),
-                "signal_score": _finite(signals.normalized),
-                "camera_score": _finite(image.normalized),
+                "signal_score": finite(signals.normalized),
+                "camera_score": finite(image.normalized),
                 "signal_anomaly": bool(signals.is_anomaly),
                 "camera_anomaly": bool(image.is_anomaly),
                 "fired": which,

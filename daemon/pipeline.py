@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from daemon.frames import (
     ScoredFrame,
     camera_alert_point,
     camera_key,
+    finite,
     frame_point,
 )
 from daemon.layout import ALERT_MEASUREMENT, LOCALIZATION_MEASUREMENT, SCORE_MEASUREMENT
@@ -32,7 +32,7 @@ from daemon.sinks.file import FileSink as FileSink  # moved there; imported from
 from daemon.sinks.lineprotocol import Point
 from daemon.windowing import Ack, StreamRejected, StreamWindower, Window
 from flows.preprocess import downsample, window_starts
-from flows.scorer import NORMALIZED_CAP, SCORE_CAP, Scorer
+from flows.scorer import SCORE_CAP, Scorer
 from ingest.messages import SignalBatch
 from ingest.source import Delivery, Frame, ReplayedCycle, Source
 from ingest.stream import Rejections
@@ -164,7 +164,7 @@ def alert_point(alert: Alert, model: str, updated_ns: int | None = None) -> Poin
             "end_ns": int(end),
             "updated_ns": int(updated_ns if updated_ns is not None else end),
             "duration_s": (end - alert.start_ns) / 1e9,
-            "peak_score": _finite(alert.peak_score),
+            "peak_score": finite(alert.peak_score),
             "peak_cycle": int(alert.peak_cycle),
             "event_time_ns": int(
                 alert.event_time_ns if alert.event_time_ns is not None else alert.peak_time_ns
@@ -174,20 +174,13 @@ def alert_point(alert: Alert, model: str, updated_ns: int | None = None) -> Poin
             "cycle_count": int(alert.cycle_count),
             "top_signals": top,
             "text": (
-                f"{alert.robot}{ongoing}: anomaly score {_finite(alert.peak_score):.2f}x threshold; "
+                f"{alert.robot}{ongoing}: anomaly score {finite(alert.peak_score):.2f}x threshold; "
                 f"top signals: {top}"
             ),
         },
         alert.start_ns,
         {"robot": alert.robot, "model": model},
     )
-
-
-def _finite(value: float, cap: float = NORMALIZED_CAP) -> float:
-    value = float(value)
-    if math.isfinite(value):
-        return value
-    return -cap if value < 0 else cap
 
 
 def localization_points(
@@ -213,7 +206,7 @@ def localization_points(
     return [
         Point(
             LOCALIZATION_MEASUREMENT,
-            {"contribution": _finite(values[k] / scale, 1.0), "peak_cycle": int(alert.peak_cycle)},
+            {"contribution": finite(values[k] / scale, 1.0), "peak_cycle": int(alert.peak_cycle)},
             first_ns + k * width * dt_ns,
             {"robot": alert.robot, "model": model, "signal": name},
         )
@@ -226,8 +219,8 @@ def to_point(result: Scored, model: str, mode: str, threshold: float) -> Point:
     return Point(
         MEASUREMENT,
         {
-            "score": _finite(result.score, SCORE_CAP),
-            "normalized_score": _finite(result.normalized),
+            "score": finite(result.score, SCORE_CAP),
+            "normalized_score": finite(result.normalized),
             "threshold": float(threshold),
             "is_anomaly": bool(result.is_anomaly or result.capped),
             "capped": bool(result.capped),
