@@ -136,10 +136,18 @@ bind-address = "127.0.0.1:{self.rpc_port}"
         return self.ping()
 
     def create_database(self, name: str) -> None:
+        """CREATE DATABASE, then wait until the server lists it: InfluxDB answers 200 with the error
+        in the body, and a server just restarted by another test may not have it yet (one CI run wrote
+        to a database it had been told to create and got "database not found")."""
+        import json
+
         body = urllib.parse.urlencode({"q": f'CREATE DATABASE "{name}"'}).encode()
         request = urllib.request.Request(f"{self.url}/query", data=body)
-        with urllib.request.urlopen(request, timeout=10):
-            pass
+        with urllib.request.urlopen(request, timeout=10) as response:
+            result = json.loads(response.read())["results"][0]
+        if "error" in result:
+            raise RuntimeError(f"CREATE DATABASE {name}: {result['error']}")
+        wait_until(lambda: [name] in self.series("SHOW DATABASES", name), 10, f"database {name} listed")
 
     def query(self, q: str, db: str | None = None) -> dict[str, Any]:
         import json
