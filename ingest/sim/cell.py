@@ -12,6 +12,11 @@ Chain of effects, per axis, all in joint-side units (rad, Nm):
     power and DC bus: electrical power per axis, bus current and voltage drops, I/O and system currents.
 
 Sensor noise is added last; controller-internal values (targets, computed torque/inertia) are exact.
+
+`CellParams` (ingest/sim/presets.py) makes another cell: factors on the constants below (arm masses,
+friction, rotor inertia, speeds, dwells, noise, servo bandwidth), other poses, coloured noise and a
+warm-up drift. The default parameters give the original cell bit for bit: every factor of 1 and every
+zero is skipped or exact in floating point.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from numpy.typing import NDArray
 from scipy import signal as sps
 
 from ingest.sim import trajectory as tr
+from ingest.sim.presets import DEFAULT, CellParams
 from ingest.sim.robot import Arm
 from ingest.sim.scenarios import (
     CAN_MASS,
@@ -55,6 +61,9 @@ SUPPLY_DROP = np.array([0.72, 0.76, 0.80, 0.86, 0.90, 0.94])
 SENSOR_OFFSET_A = np.array([0.35, -0.42, 0.28, -0.08, 0.06, 0.03])
 SENSOR_OFFSET_B = np.array([-0.20, 0.31, -0.25, 0.05, -0.07, 0.02])
 SMOOTH_V = 0.02  # rad/s, smoothing of the friction sign function
+#: direction and size of each torque sensor's offset drift per Nm of CellParams.sensor_offset_drift
+SENSOR_DRIFT_A = np.array([1.0, -0.8, 0.9, -0.3, 0.3, 0.2])
+SENSOR_DRIFT_B = np.array([-0.6, 1.0, -0.7, 0.25, -0.3, 0.15])
 
 # --- noise (standard deviation of each measured stem; axis torques scaled for wrist axes) -----------
 AXIS_NOISE = {
@@ -99,6 +108,8 @@ PLACE_XYZ = np.array([0.06, 0.48, 0.07])
 CONVEYOR_X = (0.38, 0.56)
 CONVEYOR_Y = (-0.22, 0.06)
 PICK_Z = 0.07
+#: INVALID_POSITION cans lie this far (m) beyond the belt region's far edge or its side
+INVALID_MARGIN = (0.005, 0.025)
 APPROACH_DZ = 0.12
 APPROACH = np.array([0.0, 0.0, APPROACH_DZ])
 CAN_RADIUS = 0.033
@@ -108,6 +119,11 @@ A_MAX = np.array([2.6, 2.6, 3.2, 4.5, 4.5, 5.0])
 LIN_V = 0.16  # m/s
 LIN_A = 0.6  # m/s²
 Q_SEED = np.array([0.0, -1.2, 1.8, -2.17, -1.5708, 0.0])
+# the default CellParams are this cell
+assert DEFAULT.place_xyz == tuple(PLACE_XYZ)
+assert DEFAULT.pick_z == PICK_Z
+assert (DEFAULT.conveyor_x, DEFAULT.conveyor_y) == (CONVEYOR_X, CONVEYOR_Y)
+assert DEFAULT.servo_damping == SERVO_DAMPING
 
 
 @dataclass
@@ -124,17 +140,31 @@ class _Cycle:
 class CellSimulator:
     """Simulates cycles of the pick-and-place cell at 100 or 500 Hz, in the voraus-AD column layout."""
 
-    def __init__(self, rate_hz: int = 100, urdf: Path | None = None) -> None:
+    def __init__(self, rate_hz: int = 100, urdf: Path | None = None, params: CellParams = DEFAULT) -> None:
         if rate_hz not in (100, 500):
             raise ValueError(f"rate must be 100 or 500 Hz, got {rate_hz}")
         self.rate_hz = rate_hz
         self.step = tr.FINE_HZ // rate_hz
-        self.arm = Arm(urdf)
+        self.params = p = params
+        # the arm: true dynamics and the controller's nominal model are both this (scaled) arm's
+        self.arm = Arm(urdf, link_mass_scale=p.link_mass_scale)
+        self.rotor_inertia = ROTOR_INERTIA * p.rotor_inertia_scale
+        self.coulomb = COULOMB * p.coulomb_scale
+        self.viscous = VISCOUS * p.viscous_scale
+        self.servo_hz = SERVO_HZ * p.servo_bandwidth
+        # the program
+        self.scan_xyz = SCAN_XYZ + np.asarray(p.scan_offset)
+        self.place_xyz = np.array(p.place_xyz)
+        self.conveyor_x, self.conveyor_y, self.pick_z = p.conveyor_x, p.conveyor_y, p.pick_z
+        self.v_max, self.a_max = V_MAX * p.ptp_speed, A_MAX * p.ptp_accel
+        self.lin_v, self.lin_a = LIN_V * p.lin_speed, LIN_A * p.lin_accel
+        # the noise colour: the AR(1) coefficient is per 10 ms, the same correlation time at any rate
+        self.noise_ar = p.noise_ar ** (100.0 / rate_hz) if p.noise_ar > 0 else 0.0
         self.down = self.arm.tcp_pose(Q_SEED).rotation  # tool axis pointing down
         # the wrist camera looks at the belt at an angle, so the wrist axes move on the way to scan
-        self.q_scan = self._ik(SCAN_XYZ, Q_SEED, pin.rpy.rpyToMatrix(*SCAN_TILT_RPY) @ self.down)
-        self.q_home = self._ik(PLACE_XYZ + APPROACH, Q_SEED)
-        self.place_path = self._line(PLACE_XYZ + APPROACH, PLACE_XYZ, self.q_home)
+        self.q_scan = self._ik(self.scan_xyz, Q_SEED, pin.rpy.rpyToMatrix(*SCAN_TILT_RPY) @ self.down)
+        self.q_home = self._ik(self.place_xyz + APPROACH, Q_SEED)
+        self.place_path = self._line(self.place_xyz + APPROACH, self.place_xyz, self.q_home)
         self.pi_robot = self.arm.base_params
         self._gravity_on = np.array([0.0, 0.0, -9.81])
 
@@ -157,17 +187,48 @@ class CellSimulator:
             path.append(q)
         return np.array(path)
 
+    def invalid_range(self, axis: int) -> tuple[float, float]:
+        """Where INVALID_POSITION cans lie along x (0) or y (1): just beyond the region's edge.
+        (Sums rounded to 1 nm, so that the default cell's bounds are exactly its decimal ones.)"""
+        edge = (self.conveyor_x, self.conveyor_y)[axis][1]
+        return round(edge + INVALID_MARGIN[0], 9), round(edge + INVALID_MARGIN[1], 9)
+
     def can_position(
         self, spec: CycleSpec, rng: np.random.Generator, rng_anomaly: np.random.Generator
     ) -> FloatArray:
-        xyz = np.array([rng.uniform(*CONVEYOR_X), rng.uniform(*CONVEYOR_Y), PICK_Z])
+        xyz = np.array([rng.uniform(*self.conveyor_x), rng.uniform(*self.conveyor_y), self.pick_z])
         if spec.category is Category.INVALID_POSITION:
             # outside the region normal cans arrive in: beyond the far edge or the side of the belt
             if rng_anomaly.random() < 0.5:
-                xyz[0] = rng_anomaly.uniform(0.565, 0.585)
+                xyz[0] = rng_anomaly.uniform(*self.invalid_range(0))
             else:
-                xyz[1] = rng_anomaly.uniform(0.065, 0.085)
+                xyz[1] = rng_anomaly.uniform(*self.invalid_range(1))
         return xyz
+
+    def check_reach(self, grid: int = 5) -> None:
+        """Raise ValueError unless every can position the cell can make is reachable on the arm's own
+        branch: a grid over the belt region and over the INVALID_POSITION strips beyond it, each with
+        the approach pose and the linear path down."""
+        xs = np.linspace(*self.conveyor_x, grid)
+        ys = np.linspace(*self.conveyor_y, grid)
+        points = [(x, y) for x in xs for y in ys]
+        for hi in self.invalid_range(0):
+            points += [(hi, y) for y in ys]
+        for hi in self.invalid_range(1):
+            points += [(x, hi) for x in xs]
+        for x, y in points:
+            can = np.array([x, y, self.pick_z])
+            try:
+                q_over = self._ik(can + APPROACH, self.q_scan)
+                path = self._line(can + APPROACH, can, q_over)
+            except ValueError as err:
+                raise ValueError(f"can position {np.round(can, 3).tolist()} is out of reach: {err}") from err
+            travel = float(np.abs(q_over - self.q_scan).max())
+            if travel > np.pi or float(np.abs(np.diff(path, axis=0)).max()) > 0.5:
+                raise ValueError(
+                    f"can position {np.round(can, 3).tolist()} is reached only on another arm branch "
+                    f"(joint travel {travel:.2f} rad from the scan pose)"
+                )
 
     def plan(self, can_xyz: FloatArray, rng: np.random.Generator) -> _Cycle:
         """The program: scan, camera, approach, pick, carry, place, retreat."""
@@ -176,22 +237,24 @@ class CellSimulator:
         down_path = self._line(over, can_xyz, q_over)
         q_pick = down_path[-1]
         jitter = rng.uniform(0.0, 0.012)
+        ds = self.params.dwell_scale
+        v_max, a_max, lin_v, lin_a = self.v_max, self.a_max, self.lin_v, self.lin_a
         segs = [
-            tr.dwell(self.q_home, 0.12, A.VOID_1),
-            tr.ptp(self.q_home, self.q_scan, V_MAX, A_MAX, A.TO_SCAN_PTP),
-            tr.dwell(self.q_scan, 2.05 + jitter, A.VOID_2),
-            tr.ptp(self.q_scan, q_over, V_MAX, A_MAX, A.OVER_OBJECT_PTP),
-            tr.dwell(q_over, 0.10, A.VOID_3),
-            tr.linear(down_path, APPROACH_DZ, LIN_V, LIN_A, A.DOWN_PICK_LIN),
-            tr.dwell(q_pick, 0.30, A.VOID_4),
-            tr.linear(down_path[::-1], APPROACH_DZ, LIN_V, LIN_A, A.UP_PICK_LIN),
-            tr.dwell(q_over, 0.10, A.VOID_5),
-            tr.ptp(q_over, self.q_home, V_MAX, A_MAX, A.TO_PLACE_PTP),
-            tr.dwell(self.q_home, 0.10, A.VOID_6),
-            tr.linear(self.place_path, APPROACH_DZ, LIN_V, LIN_A, A.DOWN_PLACE_LIN),
-            tr.dwell(self.place_path[-1], 0.30, A.VOID_7),
-            tr.linear(self.place_path[::-1], APPROACH_DZ, LIN_V, LIN_A, A.UP_PLACE_LIN),
-            tr.dwell(self.q_home, 0.15, A.VOID_8),
+            tr.dwell(self.q_home, 0.12 * ds, A.VOID_1),
+            tr.ptp(self.q_home, self.q_scan, v_max, a_max, A.TO_SCAN_PTP),
+            tr.dwell(self.q_scan, (2.05 + jitter) * ds, A.VOID_2),
+            tr.ptp(self.q_scan, q_over, v_max, a_max, A.OVER_OBJECT_PTP),
+            tr.dwell(q_over, 0.10 * ds, A.VOID_3),
+            tr.linear(down_path, APPROACH_DZ, lin_v, lin_a, A.DOWN_PICK_LIN),
+            tr.dwell(q_pick, 0.30 * ds, A.VOID_4),
+            tr.linear(down_path[::-1], APPROACH_DZ, lin_v, lin_a, A.UP_PICK_LIN),
+            tr.dwell(q_over, 0.10 * ds, A.VOID_5),
+            tr.ptp(q_over, self.q_home, v_max, a_max, A.TO_PLACE_PTP),
+            tr.dwell(self.q_home, 0.10 * ds, A.VOID_6),
+            tr.linear(self.place_path, APPROACH_DZ, lin_v, lin_a, A.DOWN_PLACE_LIN),
+            tr.dwell(self.place_path[-1], 0.30 * ds, A.VOID_7),
+            tr.linear(self.place_path[::-1], APPROACH_DZ, lin_v, lin_a, A.UP_PLACE_LIN),
+            tr.dwell(self.q_home, 0.15 * ds, A.VOID_8),
         ]
         program = tr.concatenate(segs)
         vacuum_on, _ = program.segment_bounds(A.VOID_4)
@@ -271,10 +334,13 @@ class CellSimulator:
             tau_ext += self._wobble(var, q_r, qd_r, qdd_r, dt, rng_anomaly)
 
         tau_load = tau_rigid + tau_ext
-        fric_scale = (1.0 + 0.02 * (1.0 - spec.order)) * rng.normal(1.0, 0.015, size=6)
-        gear_fric = fric_scale * (COULOMB * np.tanh(qd_r / SMOOTH_V) + VISCOUS * qd_r)
-        tau_motor = tau_load + gear_fric + ROTOR_INERTIA * qdd_r
-        computed = model_rigid + COULOMB * np.tanh(qd_d / SMOOTH_V) + VISCOUS * qd_d + ROTOR_INERTIA * qdd_d
+        # gear friction falls as the gear warms up over the recording; the controller does not know
+        cold = self.coldness(spec.order)
+        fric_scale = (1.0 + self.params.friction_drift * cold) * rng.normal(1.0, 0.015, size=6)
+        coulomb, viscous, rotor = self.coulomb, self.viscous, self.rotor_inertia
+        gear_fric = fric_scale * (coulomb * np.tanh(qd_r / SMOOTH_V) + viscous * qd_r)
+        tau_motor = tau_load + gear_fric + rotor * qdd_r
+        computed = model_rigid + coulomb * np.tanh(qd_d / SMOOTH_V) + viscous * qd_d + rotor * qdd_d
         commutation = np.zeros(6)
         if cat is Category.MOTOR_COMMUTATION:
             commutation[spec.axis() - 1] = COMMUTATION_ERROR[var.name.split("_")[1]]
@@ -284,20 +350,21 @@ class CellSimulator:
 
         # position loop: tracking error from the disturbance (per axis, constant effective inertia)
         inertia_diag = self.arm.mass_diagonal(q_d)
-        m_eff = inertia_diag.mean(axis=0) + ROTOR_INERTIA
+        m_eff = inertia_diag.mean(axis=0) + rotor
         err = np.empty((n, 6))
         err_d = np.empty((n, 6))
-        wn = 2 * np.pi * SERVO_HZ
+        wn = 2 * np.pi * self.servo_hz
+        zeta = self.params.servo_damping
         for j in range(6):
             kp = m_eff[j] * wn[j] ** 2
-            kd = 2 * SERVO_DAMPING * wn[j] * m_eff[j]
+            kd = 2 * zeta * wn[j] * m_eff[j]
             den = [m_eff[j], kd, kp]
             b, a = sps.bilinear([1.0], den, fs=self.rate_hz)
             err[:, j] = sps.lfilter(b, a, disturbance[:, j])
             b, a = sps.bilinear([1.0, 0.0], den, fs=self.rate_hz)
             err_d[:, j] = sps.lfilter(b, a, disturbance[:, j])
         kp_all = m_eff * wn**2
-        kd_all = 2 * SERVO_DAMPING * wn * m_eff
+        kd_all = 2 * zeta * wn * m_eff
         q = q_r - err
         qd = qd_r - err_d
         target_torque = computed + kp_all * err + kd_all * err_d
@@ -317,21 +384,26 @@ class CellSimulator:
         robot_voltage = 48.62 - 0.035 * i_bus + rng.normal(0, 0.01)
         io_current = 0.08 + 0.34 * _first_order(vacuum, 0.04, dt)
         system_current = 1.06 + 0.008 * i_bus
+        offset_a, offset_b = SENSOR_OFFSET_A, SENSOR_OFFSET_B
+        if self.params.sensor_offset_drift:
+            warm = self.params.sensor_offset_drift * (1.0 - cold)  # grows as the cell warms up
+            offset_a = offset_a + warm * SENSOR_DRIFT_A
+            offset_b = offset_b + warm * SENSOR_DRIFT_B
 
         axis_values: dict[str, FloatArray] = {
             "target_position": q_d,
             "target_velocity": qd_d,
             "target_acceleration": qdd_d,
             "target_torque": target_torque,
-            "computed_inertia": inertia_diag + ROTOR_INERTIA,
+            "computed_inertia": inertia_diag + rotor,
             "computed_torque": computed,
             "motor_position": motor_pos,
             "motor_velocity": motor_vel,
             "joint_position": q,
             "joint_velocity": qd,
             "motor_torque": KT * iq,
-            "torque_sensor_a": tau_load + SENSOR_OFFSET_A,
-            "torque_sensor_b": 1.006 * tau_load + SENSOR_OFFSET_B,
+            "torque_sensor_a": tau_load + offset_a,
+            "torque_sensor_b": 1.006 * tau_load + offset_b,
             "motor_iq": iq,
             "motor_id": id_,
             "power_motor_el": p_el,
@@ -341,13 +413,15 @@ class CellSimulator:
             "supply_voltage": robot_voltage[..., None] - SUPPLY_DROP - 0.025 * i_bus[:, None],
             "brake_voltage": np.broadcast_to(BRAKE_V, (n, 6)),
         }
+        noise = self._noise
         for stem, sigma in AXIS_NOISE.items():
             scale = WRIST_TORQUE_NOISE if "torque" in stem else 1.0
-            axis_values[stem] = axis_values[stem] + rng_noise.normal(0.0, 1.0, size=(n, 6)) * sigma * scale
+            white = rng_noise.normal(0.0, 1.0, size=(n, 6))
+            axis_values[stem] = axis_values[stem] + noise(white) * sigma * scale
         # the drives compute mechanical powers from their own (noisy) measurements
         axis_values["power_motor_mech"] = axis_values["motor_torque"] * axis_values["motor_velocity"]
         axis_values["power_load_mech"] = axis_values["torque_sensor_a"] * axis_values["joint_velocity"]
-        axis_values["power_motor_el"] = p_el + rng_noise.normal(0.0, 0.03, size=(n, 6))
+        axis_values["power_motor_el"] = p_el + noise(rng_noise.normal(0.0, 0.03, size=(n, 6)))
         for stem, res in RESOLUTION.items():
             axis_values[stem] = np.round(axis_values[stem] / res) * res
 
@@ -359,10 +433,10 @@ class CellSimulator:
             "setting": np.full(n, int(var), dtype=np.int64),
             "action": action.astype(np.uint8),
             "active": (action % 2 == 1).astype(np.int64),
-            "robot_voltage": _quantize(robot_voltage + rng_noise.normal(0, 0.012, n)),
-            "robot_current": _quantize(i_bus + rng_noise.normal(0, 0.025, n)),
-            "io_current": _quantize(io_current + rng_noise.normal(0, 0.004, n)),
-            "system_current": _quantize(system_current + rng_noise.normal(0, 0.006, n)),
+            "robot_voltage": _quantize(robot_voltage + noise(rng_noise.normal(0, 0.012, n))),
+            "robot_current": _quantize(i_bus + noise(rng_noise.normal(0, 0.025, n))),
+            "io_current": _quantize(io_current + noise(rng_noise.normal(0, 0.004, n))),
+            "system_current": _quantize(system_current + noise(rng_noise.normal(0, 0.006, n))),
         }
         for axis in range(6):
             for stem in AXIS_SIGNAL_STEMS:
@@ -371,6 +445,26 @@ class CellSimulator:
                 )
         assert list(cols)[7:] == list(MACHINE_SIGNALS)
         return cols
+
+    # --- the cell's own variation: warm-up and sensor noise ------------------------------------------
+    def coldness(self, order: float) -> float:
+        """How cold the gears are at `order` (0..1 through the recording): 1 at the start, falling to
+        0 (linear, the default) or exponentially with time constant drift_tau."""
+        tau = self.params.drift_tau
+        return 1.0 - order if tau == 0 else float(np.exp(-order / tau))
+
+    def _noise(self, white: FloatArray) -> FloatArray:
+        """Sensor noise from white noise of the wanted std (along time, axis 0): coloured by AR(1) and
+        scaled by the noise level; the marginal std stays the white noise's × noise_level (the filter
+        starts in its stationary state). Identity for the default cell."""
+        out = white
+        phi = self.noise_ar
+        if phi > 0:
+            gain = np.sqrt(1.0 - phi * phi)
+            out, _ = sps.lfilter([gain], [1.0, -phi], white, axis=0, zi=(1.0 - gain) * white[:1])
+        if self.params.noise_level != 1.0:
+            out = out * self.params.noise_level
+        return np.asarray(out)
 
     # --- anomaly mechanics ---------------------------------------------------------------------------
     def _lose_can(

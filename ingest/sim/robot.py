@@ -3,6 +3,7 @@ quantities the cell simulator needs (inverse kinematics, torque regressor, mass 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,10 @@ def default_urdf() -> Path:
 class Arm:
     """Kinematics and dynamics of the 6-axis arm, from a URDF, via pinocchio."""
 
-    def __init__(self, urdf: Path | None = None) -> None:
+    def __init__(self, urdf: Path | None = None, link_mass_scale: Sequence[float] | None = None) -> None:
+        """`link_mass_scale`: a factor per moving link 1..6 on its mass and inertia (a denser link of
+        the same shape: the centre of mass stays), applied to the model itself, so every dynamics
+        quantity below (regressor parameters, mass matrix, gravity, total mass) is the scaled arm's."""
         path = urdf or default_urdf()
         if not path.is_file():
             raise FileNotFoundError(f"robot model {path} not found")
@@ -36,6 +40,17 @@ class Arm:
         self.tcp = self.model.getFrameId(TCP_FRAME)
         if self.tcp >= self.model.nframes:
             raise ValueError(f"{path}: no frame named {TCP_FRAME!r}")
+        if link_mass_scale is not None:
+            scale = [float(x) for x in link_mass_scale]
+            if len(scale) != self.model.njoints - 1:
+                raise ValueError(f"link_mass_scale needs {self.model.njoints - 1} factors, got {len(scale)}")
+            for j, factor in enumerate(scale, start=1):
+                if factor != 1.0:
+                    inertia = self.model.inertias[j]
+                    self.model.inertias[j] = pin.Inertia(
+                        inertia.mass * factor, inertia.lever.copy(), inertia.inertia * factor
+                    )
+            self.data = self.model.createData()
         self.q_lower = np.full(6, -2 * np.pi)
         self.q_upper = np.full(6, 2 * np.pi)
 
