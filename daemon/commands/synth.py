@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.cli_support import UsageError, console, progress
+
+if TYPE_CHECKING:
+    from ingest.sim.presets import CellParams
 
 #: flags of the recording only -> their default there (registered with default None: see run)
 SIGNAL_ONLY: dict[str, Any] = {
@@ -21,6 +25,8 @@ SIGNAL_ONLY: dict[str, Any] = {
     "--pcap": None,
     "--bus-hz": 1000,
     "--pcap-copies": 2,
+    "--preset": "default",
+    "--param": (),
 }
 #: flags of --images only -> their default there
 IMAGE_ONLY: dict[str, Any] = {
@@ -34,13 +40,17 @@ IMAGE_ONLY: dict[str, Any] = {
 
 
 def add_parser(sub: Any) -> None:
+    from ingest.sim.presets import PRESET_NOTES, PRESETS, field_names  # no numpy: cheap
+
     p = sub.add_parser(
         "synth",
         help="simulate a cell recording (voraus-AD layout, all 12 anomaly categories), or an image data set",
         description=(
             "Simulate a 6-axis pick-and-place cell with rigid-body dynamics (pinocchio) and write it "
             "as a voraus-AD parquet file. By default the paper's size: 948 training normals, "
-            "419 test normals, 755 anomalies. With --images, write an MVTec-AD-layout folder instead: crops "
+            "419 test normals, 755 anomalies. --preset makes another cell (another arm, program, sensors, "
+            "warm-up or controller; --param changes single parameters), named in the file's metadata "
+            "(key cellwatch.sim). With --images, write an MVTec-AD-layout folder instead: crops "
             "of a real texture photograph (shipped with scikit-image) as normal images, and test images with "
             "painted defects and their masks."
         ),
@@ -62,6 +72,20 @@ def add_parser(sub: Any) -> None:
         help="anomaly categories to include (names such as AXIS_FRICTION or numbers 0-11); default all",
     )
     signals.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    notes = "; ".join(f"{name}: {PRESET_NOTES[name]}" for name in PRESETS).replace("%", "%%")
+    signals.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help=f"the cell to simulate (default: default). {notes}",
+    )
+    signals.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one cell parameter of the preset, repeatable; tuples comma-separated, e.g. "
+        "--param noise_level=2 --param place_xyz=0.1,0.45,0.07 (link_mass_scale takes 1 or 6 factors). "
+        f"Keys: {', '.join(field_names())}",
+    )
     signals.add_argument(
         "--pcap",
         type=Path,
@@ -144,8 +168,27 @@ def synth_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cell_params(preset: str, overrides: Sequence[str], rate_hz: int) -> CellParams:
+    """The preset with --param overrides, checked: the poses are reachable and every can position
+    the cell can make (the belt region and the invalid positions beyond it) has an IK solution."""
+    from ingest.sim.cell import CellSimulator
+    from ingest.sim.presets import PRESETS, with_overrides
+
+    try:
+        params = with_overrides(PRESETS[preset], overrides)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--param: {err}") from err
+    try:
+        CellSimulator(rate_hz, params=params).check_reach()
+    except ValueError as err:
+        given = f"--preset {preset}" + "".join(f" --param {item}" for item in overrides)
+        raise UsageError(f"{given}: {err}") from err
+    return params
+
+
 def synth_recording(args: argparse.Namespace) -> int:
     from ingest.sim.dataset import write_recording
+    from ingest.sim.presets import PRESETS
     from ingest.sim.scenarios import parse_categories, plan_recording
 
     if args.scale is not None and not args.scale > 0:
@@ -162,9 +205,14 @@ def synth_recording(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
+    params = cell_params(args.preset, args.param, args.rate)
+    changed = params.changes(PRESETS[args.preset])
+    cell = args.preset + "".join(f" {k}={_value(v)}" for k, v in changed.items())
     started = time.perf_counter()
     with progress() as bar:
-        task = bar.add_task(f"simulating {len(specs)} cycles at {args.rate} Hz", total=len(specs))
+        task = bar.add_task(
+            f"simulating {len(specs)} cycles of cell {cell} at {args.rate} Hz", total=len(specs)
+        )
         rows = write_recording(
             args.out,
             specs,
@@ -172,18 +220,24 @@ def synth_recording(args: argparse.Namespace) -> int:
             seed=args.seed,
             workers=args.workers,
             on_cycle=lambda _spec: bar.advance(task),
+            params=params,
+            preset=args.preset,
         )
     elapsed = time.perf_counter() - started
     counts = Counter(s.category.name for s in specs)
     train = sum(1 for s in specs if s.variant.name == "PRE_A")
     console.print(
         f"wrote [bold]{args.out}[/]: {len(specs)} cycles ({train} train, {len(specs) - train} test), "
-        f"{rows} rows, {args.rate} Hz, in {elapsed:.1f} s"
+        f"{rows} rows, {args.rate} Hz, cell {cell}, in {elapsed:.1f} s"
     )
     console.print(", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
     if args.pcap is not None:
         write_pcap(args, Path(args.out), len(specs))
     return 0
+
+
+def _value(v: Any) -> str:
+    return ",".join(f"{x:g}" for x in v) if isinstance(v, list | tuple) else f"{v:g}"
 
 
 def write_pcap(args: argparse.Namespace, recording: Path, cycles: int) -> None:

@@ -178,7 +178,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ValueError(f"--param needs KEY=VALUE, got {item!r}")
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
         if key not in known:
             raise ValueError(f"unknown cell parameter {key!r}; choose from {', '.join(known)}")
         tokens = [t.strip() for t in raw.split(",")]
