@@ -220,8 +220,8 @@ PRESETS: dict[str, CellParams] = {
         servo_bandwidth=0.8,
         servo_damping=0.9,
     ),
-    # another program: the belt nearer the base and further left, the place station on the other
-    # side, a lower scan pose, faster moves and shorter dwells
+    # another program: the belt 4 cm nearer the base, 4 cm further in -y and 2 cm lower, the place
+    # station and the scan pose moved, faster moves and shorter dwells
     "fast-program": CellParams(
         place_xyz=(0.10, 0.44, 0.05),
         conveyor_x=(0.34, 0.50),
