@@ -5,27 +5,40 @@ version, the signal list in order, the sampling rate, the scoring mode with T (c
 the scaler, the calibrated threshold with its false-positive rate, the training-data fingerprint and
 the architecture and training configuration. Loading checks the format version and the weights, and
 optionally that the data to be scored has the same signals and rate.
+
+Format version 2 adds the detector: ``"detector": "mvt-flow"`` (the flow's NLL alone, as version 1)
+or ``"fusion"`` (flows.fusion: the NLL fused with two linear detectors, whose tensors are in
+``detector.safetensors`` and whose settings and normalizers are under ``"fusion"``), and the normal
+attribution profile (mean |∂score/∂x| per signal on normal training data) that explanations are
+measured against. Version 1 models still load: as a plain MVT-Flow with the raw gradient attribution.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from safetensors.torch import load_file, save_file
 
 from flows.mvtflow import MVTFlow, MVTFlowConfig
 from flows.preprocess import Standardizer
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from flows.fusion import SignalFusion
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KIND = "mvt-flow"
 WEIGHTS = "weights.safetensors"
+DETECTOR_WEIGHTS = "detector.safetensors"
 META = "model.json"
+DETECTORS = ("fusion", "mvt-flow")
 MAX_META_BYTES = 16 * 2**20
 
 Mode = Literal["cycle", "window"]
@@ -85,9 +98,15 @@ class ModelCard:
     threshold: Threshold
     architecture: MVTFlowConfig
     training: dict[str, Any]
+    #: "mvt-flow" (the flow's NLL) or "fusion" (flows.fusion)
+    detector: str = "mvt-flow"
+    #: flows.fusion.SignalFusion.meta() of a fusion model
+    fusion: dict[str, Any] | None = None
+    #: mean |∂NLL/∂x| per signal on normal training data; explanations are relative to it
+    attribution_reference: tuple[float, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format_version": FORMAT_VERSION,
             "kind": KIND,
             "signals": list(self.signals),
@@ -100,15 +119,21 @@ class ModelCard:
             "threshold": self.threshold.__dict__,
             "architecture": self.architecture.to_dict(),
             "training": self.training,
+            "detector": self.detector,
         }
+        if self.fusion is not None:
+            out["fusion"] = self.fusion
+        if self.attribution_reference is not None:
+            out["attribution_reference"] = list(self.attribution_reference)
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelCard:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ModelFormatError(
-                f"model format_version is {version!r}, this cellwatch reads version {FORMAT_VERSION}; "
-                "retrain the model or use a matching cellwatch"
+                f"model format_version is {version!r}, this cellwatch reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; retrain the model or use a matching cellwatch"
             )
         if data.get("kind") != KIND:
             raise ModelFormatError(f"model kind is {data.get('kind')!r}, expected {KIND!r}")
@@ -126,9 +151,18 @@ class ModelCard:
                 threshold=Threshold(**data["threshold"]),
                 architecture=MVTFlowConfig.from_dict(data["architecture"]),
                 training=dict(data.get("training", {})),
+                detector=str(data.get("detector", "mvt-flow")),
+                fusion=dict(data["fusion"]) if data.get("fusion") is not None else None,
+                attribution_reference=_reference(data.get("attribution_reference"), len(signals)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFormatError(f"model.json is incomplete or invalid: {err}") from err
+        if card.detector not in DETECTORS:
+            raise ModelFormatError(f"model detector is {card.detector!r}, expected one of {DETECTORS}")
+        if (card.detector == "fusion") != (card.fusion is not None):
+            raise ModelFormatError(
+                "model.json: a fusion model needs its 'fusion' settings, and only it has them"
+            )
         if card.mode not in ("cycle", "window"):
             raise ModelFormatError(f"model mode must be 'cycle' or 'window', got {card.mode!r}")
         if len(scaler.mean) != len(signals) or card.architecture.signals != len(signals):
@@ -141,18 +175,40 @@ class ModelCard:
         return card
 
 
+def _reference(value: Any, signals: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    ref = tuple(float(v) for v in value)
+    if len(ref) != signals or not all(math.isfinite(v) and v > 0 for v in ref):
+        raise ValueError(f"attribution_reference must hold {signals} positive finite numbers")
+    return ref
+
+
 @dataclass
 class LoadedModel:
     card: ModelCard
     flow: MVTFlow
+    #: the linear parts and normalizers of a fusion model (None for a plain MVT-Flow)
+    fusion: SignalFusion | None = None
 
 
-def save_model(directory: Path, flow: MVTFlow, card: ModelCard) -> None:
-    """Write an MVT-Flow artifact atomically (see `write_artifact`)."""
-    write_artifact(directory, flow.state_dict(), card.to_json(), kind=KIND)
+def save_model(directory: Path, flow: MVTFlow, card: ModelCard, fusion: SignalFusion | None = None) -> None:
+    """Write a signal model atomically (see `write_artifact`); a fusion model's linear parts go to
+    ``detector.safetensors``."""
+    if (card.detector == "fusion") != (fusion is not None):
+        raise ValueError("save_model: a fusion card needs its SignalFusion, and only it")
+    extra = {DETECTOR_WEIGHTS: fusion.state()} if fusion is not None else None
+    write_artifact(directory, flow.state_dict(), card.to_json(), kind=KIND, extra=extra)
 
 
-def write_artifact(directory: Path, state: dict[str, Any], meta: dict[str, Any], *, kind: str) -> None:
+def write_artifact(
+    directory: Path,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    kind: str,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """Write ``weights.safetensors`` and ``model.json`` atomically: a crash at any point leaves either the
     old model or the new one under `directory`, never a half-written one that loads.
 
@@ -168,8 +224,13 @@ def write_artifact(directory: Path, state: dict[str, Any], meta: dict[str, Any],
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "kind": kind})
+        names = [WEIGHTS, META]
+        for name, extra_state in (extra or {}).items():
+            extra_tensors = {k: v.detach().cpu().contiguous() for k, v in extra_state.items()}
+            save_file(extra_tensors, str(tmp / name), metadata={"format": "pt", "kind": kind})
+            names.append(name)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        for name in (WEIGHTS, META):
+        for name in names:
             _fsync_path(tmp / name)
         _fsync_path(tmp)
         if directory.exists():
@@ -205,7 +266,7 @@ def load_model(
     if (
         isinstance(data.get("kind"), str)
         and data["kind"] != KIND
-        and data.get("format_version") == FORMAT_VERSION
+        and data.get("format_version") in READABLE_VERSIONS
     ):
         raise ModelFormatError(
             f"{directory} is a {data['kind']!r} model, not a signal model ({KIND!r}): "
@@ -232,7 +293,28 @@ def load_model(
     flow = MVTFlow(card.architecture)
     load_weights(flow, Path(directory) / WEIGHTS)
     flow.eval()
-    return LoadedModel(card=card, flow=flow)
+    fusion = load_fusion(Path(directory), card) if card.fusion is not None else None
+    return LoadedModel(card=card, flow=flow, fusion=fusion)
+
+
+def load_fusion(directory: Path, card: ModelCard) -> SignalFusion:
+    """The linear parts of a fusion model, checked against model.json."""
+    from flows.fusion import SignalFusion
+
+    path = directory / DETECTOR_WEIGHTS
+    if not path.is_file():
+        raise ModelFormatError(f"{directory} is a fusion model but {DETECTOR_WEIGHTS} is missing")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise ModelFormatError(f"{path} is not a readable safetensors file: {err}") from err
+    assert card.fusion is not None
+    try:
+        fusion = SignalFusion.from_artifact(card.fusion, state)
+        fusion.check(len(card.signals), card.time_steps)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFormatError(f"{path.name} does not fit model.json: {err}") from err
+    return fusion
 
 
 def load_weights(module: Any, weights_path: Path) -> None:

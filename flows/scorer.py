@@ -5,7 +5,11 @@
   without cycle markers can be scored and a cycle gets an early score.
 
 `score()` takes a batch of windows from any number of robots at once (micro-batching) and runs on
-the GPU when there is one.
+the GPU when there is one. A fusion model (flows.fusion) scores with the flow's NLL and its two linear
+detectors, normalized and summed; `Scores.components` then says how far above normal each part is.
+Explanations (`localize`) are |∂NLL/∂x| relative to each signal's normal attribution when the model
+has that profile (every model trained by this version), so a signal that always carries a large
+gradient does not crowd out the one that really changed.
 
 Extreme inputs are bounded, never fatal: standardized values are clipped to ±`CLIP_SIGMA` (counted in
 `Scorer.clipped`), so one glitching sample (1e20 from an integer overflow in a gateway) still gives a
@@ -38,6 +42,8 @@ class Scores:
     normalized: NDArray[np.float64]  # threshold -> 1.0, typical normal -> ~0
     is_anomaly: NDArray[np.bool_]
     capped: NDArray[np.bool_]  # the score was not finite: stored as SCORE_CAP, always anomalous
+    #: fusion models: each component's score in normal spreads above its normal median (nll, linres, pca)
+    components: dict[str, NDArray[np.float64]] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class Scorer:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.flow = model.flow.to(self.device).eval()
+        self.fusion = model.fusion
+        ref = model.card.attribution_reference
+        self.reference = None if ref is None else torch.tensor(ref, dtype=torch.float32, device=self.device)
         self.bf16 = bf16
         self.max_batch = max_batch
         self.clipped = 0  # standardized input values clipped to ±CLIP_SIGMA so far
@@ -119,10 +128,27 @@ class Scorer:
     def score(self, windows: Sequence[NDArray[np.float32]] | NDArray[np.float32]) -> Scores:
         """Scores of prepared windows (B, S, T), from any mix of robots, in micro-batches."""
         parts = []
+        component_parts: dict[str, list[torch.Tensor]] = {}
         for batch in self._batches(windows):
+            x = batch.to(self.device, non_blocking=True)
             with autocast(self.device, self.bf16):
-                parts.append(self.flow.score(batch.to(self.device, non_blocking=True)).float().cpu())
+                nll = self.flow.score(x).float()
+            if self.fusion is None:
+                parts.append(nll.cpu())
+                continue
+            components = self.fusion.components(x, nll)
+            parts.append(self.fusion.fuse(components).cpu())
+            for name, value in self.fusion.normalized(components).items():
+                component_parts.setdefault(name, []).append(value.cpu())
         raw = torch.cat(parts).double().numpy() if parts else np.zeros(0)
+        component_scores = None
+        if self.fusion is not None:
+            component_scores = {
+                name: np.nan_to_num(
+                    torch.cat(values).double().numpy() if values else np.zeros(0), nan=NORMALIZED_CAP
+                )
+                for name, values in component_parts.items()
+            } or {name: np.zeros(0) for name in self.fusion.config.components}
         capped = ~np.isfinite(raw)
         raw = np.where(capped, SCORE_CAP, raw)
         normalized = np.asarray(self.card.threshold.normalize(raw), dtype=np.float64)
@@ -132,15 +158,20 @@ class Scorer:
             normalized=normalized,
             is_anomaly=(raw > self.card.threshold.value) | capped,
             capped=capped,
+            components=component_scores,
         )
 
     def localize(
         self, windows: Sequence[NDArray[np.float32]] | NDArray[np.float32], top: int = 5
     ) -> Localization:
-        """Temporal analysis (Eq. 8.6) and the top contributing signals of each window."""
+        """Temporal analysis (Eq. 8.6) and the top contributing signals of each window; relative to
+        the normal attribution profile when the model has one."""
         grads = []
         for batch in self._batches(windows):
-            grads.append(self.flow.localize(batch.to(self.device)).double().cpu())
+            grad = self.flow.localize(batch.to(self.device))
+            if self.reference is not None:
+                grad = grad / self.reference[None, :, None]
+            grads.append(grad.double().cpu())
         g = torch.cat(grads).numpy() if grads else np.zeros((0, len(self.card.signals), self.card.time_steps))
         g = np.nan_to_num(g, nan=0.0, posinf=float(np.finfo(np.float32).max), neginf=0.0)  # an extreme input
         per_time = g.sum(axis=1)

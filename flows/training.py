@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flows.fusion import FusionConfig, SignalFusion
 from flows.mvtflow import MVTFlow
 
 
@@ -138,3 +139,39 @@ def batched_scores(
     if not out:
         return np.zeros(0)
     return torch.cat(out).double().numpy()
+
+
+def normal_attribution(
+    model: MVTFlow, data: Tensor, device: torch.device, *, samples: int = 64, batch_size: int = 16
+) -> np.ndarray:
+    """Mean |∂score/∂x| per signal over (up to `samples` of) normal data (N, S, T): the profile that
+    explanations are measured against. Floored at 1e-6 of its mean, so no signal divides by ~0."""
+    model.to(device).eval()
+    picked = data[: max(1, samples)]
+    total = torch.zeros(data.shape[1], dtype=torch.float64)
+    for start in range(0, len(picked), batch_size):
+        grad = model.localize(picked[start : start + batch_size].to(device))
+        total += grad.double().sum(dim=(0, 2)).cpu()
+    mean = total / (len(picked) * data.shape[2])
+    floor = max(float(mean.mean()) * 1e-6, 1e-12)
+    return mean.clamp_min(floor).numpy()
+
+
+def fit_fusion(
+    model: MVTFlow,
+    fit: Tensor,
+    fit_lengths: Tensor | None,
+    calibration: Tensor,
+    rate_hz: float,
+    config: FusionConfig,
+    device: torch.device,
+    *,
+    bf16: bool = False,
+) -> tuple[SignalFusion, np.ndarray]:
+    """Fit the fused detector's linear parts on the training samples and its normalizers on the
+    calibration samples (normal data only); returns it and the fused calibration scores."""
+    fusion = SignalFusion.fit_parts(config, fit, fit_lengths, rate_hz)
+    nll = torch.from_numpy(batched_scores(model, calibration, device, bf16=bf16))
+    components = fusion.components(calibration, nll)
+    fusion.calibrate(components)
+    return fusion, fusion.fuse(components).numpy()

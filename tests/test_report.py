@@ -81,7 +81,9 @@ def test_report_is_one_self_contained_file_with_valid_pngs(report: str) -> None:
         # and text are grey), and they cover more than a legend's few swatches would
         rgb = pixels[..., :3]
         coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2
-        assert coloured.mean() > 0.01, f"{coloured.mean():.2%} of the pixels in colour"  # ROC: 1.7%
+        # (a good model's ROC hugs the axes, its curves overlap: 0.9 % on the fused default; the legend alone
+        # is about 0.15 %)
+        assert coloured.mean() > 0.005, f"{coloured.mean():.2%} of the pixels in colour"
     # nothing outside the file: no scripts, stylesheets or remote images
     assert "<script" not in report
     assert "<link" not in report

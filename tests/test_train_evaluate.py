@@ -1,5 +1,6 @@
-"""End to end on a small simulated cell: train a tiny MVT-Flow, evaluate it by the paper's protocol,
-score windows, and check reproducibility and bf16 against fp32.
+"""End to end on a small simulated cell: train a tiny model (the default fused detector, and MVT-Flow
+alone by name), evaluate it by the paper's protocol, score windows, and check reproducibility and bf16
+against fp32.
 
 The tiny configuration (10 Hz, 25 epochs, ~60 training cycles) is far from the paper's; the test only
 claims what such a model must do: separate anomalies from normals better than chance by a margin that
@@ -117,8 +118,8 @@ def test_scores_separate_anomalies_from_normals(evaluation: dict) -> None:
 
     with evaluation["scores_csv"].open() as fh:
         rows = list(csv.DictReader(fh))
-    normal = [float(r["MVT-Flow"]) for r in rows if r["anomaly"] == "0"]
-    anomalous = [float(r["MVT-Flow"]) for r in rows if r["anomaly"] == "1"]
+    normal = [float(r["fusion"]) for r in rows if r["anomaly"] == "0"]
+    anomalous = [float(r["fusion"]) for r in rows if r["anomaly"] == "1"]
     n_n, n_a = len(normal), len(anomalous)
     sigma = math.sqrt((n_a + n_n + 1) / (12 * n_a * n_n))
     pooled = roc_auc(normal, anomalous)
@@ -148,14 +149,16 @@ def auroc_per_category(rows: list[dict[str, str]], column: str) -> dict[str, flo
 
 
 def test_reported_aurocs_match_an_independent_computation(evaluation: dict) -> None:
-    """The table's numbers, for the flow and both baselines, are the Mann-Whitney U statistics of the
-    per-cycle scores written beside them (scipy, not flows.metrics), and their mean is unweighted."""
+    """The table's numbers, for the fused model, each of its components and both baselines, are the
+    Mann-Whitney U statistics of the per-cycle scores written beside them (scipy, not flows.metrics),
+    and their mean is unweighted."""
     import csv
 
     with evaluation["scores_csv"].open() as fh:
         rows = list(csv.DictReader(fh))
-    results = {"MVT-Flow": evaluation, **evaluation["baselines"]}
-    assert set(results) == {"MVT-Flow", "1-NN", "PCA"}
+    assert evaluation["detector"] == "fusion"
+    results = {"fusion": evaluation, **evaluation["components"], **evaluation["baselines"]}
+    assert set(results) == {"fusion", "MVT-Flow", "linres", "PCA-res", "1-NN", "PCA"}
     for name, result in results.items():
         expected = auroc_per_category(rows, name)
         assert set(result["per_category"]) == set(expected) == set(evaluation["counts"])
@@ -163,6 +166,54 @@ def test_reported_aurocs_match_an_independent_computation(evaluation: dict) -> N
             # the CSV holds 6 significant digits: ties it creates can move an AUROC by a hair
             assert result["per_category"][category] == pytest.approx(value, abs=2e-3), (name, category)
         assert result["mean"] == pytest.approx(np.mean(list(result["per_category"].values())))
+
+
+def test_the_fused_score_is_the_sum_of_its_normalized_parts(cell: Path, model: Path) -> None:
+    """A fusion model's score is the sum of its components, each in normal spreads from its normal
+    median; the NLL part is exactly the flow's own score, and the threshold sits on the fused scale."""
+    from daemon.dataset import load_cycles
+
+    loaded = load_model(model)
+    assert loaded.card.detector == "fusion"
+    assert loaded.fusion is not None
+    assert set(loaded.fusion.config.components) == {"nll", "linres", "pca"}
+    data = load_cycles(cell, loaded.card.signals, rate_divider=10, want_train=False)
+    scorer = Scorer(loaded, device="cpu")
+    x = np.stack([scorer.prepare_cycle(c) for c in data.test.signals[:12]])
+    result = scorer.score(x)
+    assert result.components is not None
+    np.testing.assert_allclose(result.raw, sum(result.components.values()), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        nll = loaded.flow.score(torch.from_numpy(x)).double().numpy()
+    norm = loaded.fusion.normalizers["nll"]
+    np.testing.assert_allclose(
+        result.components["nll"], (nll - norm.center) / norm.scale, rtol=1e-5, atol=1e-5
+    )
+    assert np.array_equal(result.is_anomaly, result.raw > loaded.card.threshold.value)
+
+
+def test_mvt_flow_stays_available_by_name(
+    cell: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--detector mvt-flow trains the published model alone: no linear parts, its score is the NLL."""
+    out = tmp_path / "flow-only"
+    args = ["--rate-divider", "10", "--epochs", "2", "--device", "cpu", "--detector", "mvt-flow"]
+    assert main(["train", "--data", str(cell), "--out", str(out), *args]) == 0
+    loaded = load_model(out)
+    assert loaded.card.detector == "mvt-flow"
+    assert loaded.fusion is None
+    assert not (out / "detector.safetensors").exists()
+    scorer = Scorer(loaded, device="cpu")
+    x = torch.randn(3, 130, loaded.card.time_steps)
+    result = scorer.score(x.numpy())
+    assert result.components is None
+    with torch.no_grad():
+        np.testing.assert_allclose(result.raw, loaded.flow.score(x).double().numpy(), rtol=1e-6)
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(cell), "--model", str(out), "--json"]) == 0
+    result_json = json.loads(capsys.readouterr().out)
+    assert result_json["detector"] == "mvt-flow"
+    assert "components" not in result_json
 
 
 def test_training_is_reproducible_from_a_seed(cell: Path, tmp_path: Path) -> None:
@@ -218,10 +269,10 @@ def test_window_mode_scores_windows_of_a_stream(
         x = data.test.signals[i]
         windows = np.stack([scorer.prepare_cycle(x[s : s + 32]) for s in window_starts(len(x), 32, 16)])
         assert int(rows[i]["sample"]) == data.test.samples[i]
-        assert float(rows[i]["MVT-Flow"]) == pytest.approx(float(scorer.score(windows).raw.max()), rel=1e-4)
+        assert float(rows[i]["fusion"]) == pytest.approx(float(scorer.score(windows).raw.max()), rel=1e-4)
     # and even a briefly trained window model tells anomalies from normals better than chance can
-    normal = [float(r["MVT-Flow"]) for r in rows if r["anomaly"] == "0"]
-    anomalous = [float(r["MVT-Flow"]) for r in rows if r["anomaly"] == "1"]
+    normal = [float(r["fusion"]) for r in rows if r["anomaly"] == "0"]
+    anomalous = [float(r["fusion"]) for r in rows if r["anomaly"] == "1"]
     sigma = math.sqrt((len(normal) + len(anomalous) + 1) / (12 * len(normal) * len(anomalous)))
     pooled = mann_whitney_auroc(normal, anomalous)
     assert pooled > 0.5 + 4 * sigma, f"pooled AUROC {pooled:.3f}, needs > {0.5 + 4 * sigma:.3f}"

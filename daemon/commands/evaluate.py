@@ -69,17 +69,35 @@ def check_model_kind(data: Path, model: Path, images: bool) -> None:
         raise UsageError(f"{data} is {data_kind}, but {model} is {model_desc}")
 
 
+#: evaluation column of each detector's score, and of a fusion model's components
+DETECTOR_LABELS = {"fusion": "fusion", "mvt-flow": "MVT-Flow"}
+COMPONENT_LABELS = {"nll": "MVT-Flow", "linres": "linres", "pca": "PCA-res"}
+
+
 def cycle_scores(scorer: Any, cycles: list[np.ndarray]) -> np.ndarray:
     """One score per cycle: the whole cycle (cycle mode) or its highest window score (window mode)."""
+    return cycle_scores_with_parts(scorer, cycles)[0]
+
+
+def cycle_scores_with_parts(
+    scorer: Any, cycles: list[np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`cycle_scores` and, for a fusion model, each component's normalized score per cycle (window
+    mode: its highest window value)."""
     if scorer.card.mode == "cycle":
-        return np.asarray(scorer.score(np.stack([scorer.prepare_cycle(x) for x in cycles])).raw)
+        result = scorer.score(np.stack([scorer.prepare_cycle(x) for x in cycles]))
+        return np.asarray(result.raw), dict(result.components or {})
     out = np.empty(len(cycles))
+    parts: dict[str, np.ndarray] = {}
     for i, x in enumerate(cycles):
         windows = scorer.prepare_stream(x)
         if len(windows) == 0:  # shorter than one window: score it padded
             windows = scorer.prepare_stream(np.concatenate([x, np.repeat(x[-1:], scorer.card.window, 0)]))[:1]
-        out[i] = scorer.score(windows).raw.max()
-    return out
+        result = scorer.score(windows)
+        out[i] = result.raw.max()
+        for name, values in (result.components or {}).items():
+            parts.setdefault(name, np.empty(len(cycles)))[i] = values.max()
+    return out, parts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,17 +144,26 @@ def evaluate_signals(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    label = DETECTOR_LABELS[model.card.detector]
     with progress() as bar:
-        task = bar.add_task("scoring test cycles (MVT-Flow)", total=len(test))
-        parts = []
+        task = bar.add_task(f"scoring test cycles ({label})", total=len(test))
+        parts, component_parts = [], []
         for i in range(0, len(test), 64):
-            parts.append(cycle_scores(scorer, test.signals[i : i + 64]))
+            raw, components = cycle_scores_with_parts(scorer, test.signals[i : i + 64])
+            parts.append(raw)
+            component_parts.append(components)
             bar.advance(task, len(test.signals[i : i + 64]))
-    flow_scores = np.concatenate(parts)
-    timings["MVT-Flow"] = time.perf_counter() - started
+    model_scores = np.concatenate(parts)
+    timings[label] = time.perf_counter() - started
     anomaly = np.asarray(test.anomaly)
-    results["MVT-Flow"] = per_category_auroc(flow_scores, test.categories, anomaly)
-    all_scores = {"MVT-Flow": flow_scores}
+    results[label] = per_category_auroc(model_scores, test.categories, anomaly)
+    all_scores = {label: model_scores}
+    for name in component_parts[0] if component_parts else {}:
+        values = np.concatenate([c[name] for c in component_parts])
+        column = COMPONENT_LABELS.get(name, name)
+        results[column] = per_category_auroc(values, test.categories, anomaly)
+        all_scores[column] = values
+        timings[column] = timings[label]
     if args.baselines:
         import torch
 
@@ -168,24 +195,31 @@ def evaluate_signals(args: argparse.Namespace) -> int:
                     [test.samples[i], test.categories[i], test.variants[i], int(test.anomaly[i])]
                     + [f"{s[i]:.6g}" for s in all_scores.values()]
                 )
-    flow = results["MVT-Flow"]
+    main = results[label]
     if args.json:
         out: dict[str, Any] = {
-            "per_category": flow.per_category,
-            "mean": flow.mean,
-            "counts": flow.counts,
-            "normals": flow.normals,
+            "detector": model.card.detector,
+            "per_category": main.per_category,
+            "mean": main.mean,
+            "counts": main.counts,
+            "normals": main.normals,
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }
+        columns = [COMPONENT_LABELS.get(n, n) for n in (component_parts[0] if component_parts else {})]
+        if columns:
+            out["components"] = {
+                name: {"per_category": results[name].per_category, "mean": results[name].mean}
+                for name in columns
+            }
         if args.baselines:
             out["baselines"] = {
                 name: {"per_category": r.per_category, "mean": r.mean}
                 for name, r in results.items()
-                if name != "MVT-Flow"
+                if name in ("1-NN", "PCA")
             }
         print(json.dumps(out))
         return 0
-    print_table(results, flow.counts, flow.normals, timings)
+    print_table(results, main.counts, main.normals, timings)
     return 0
 
 

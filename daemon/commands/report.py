@@ -58,7 +58,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.commands.evaluate import cycle_scores
+    from daemon.commands.evaluate import DETECTOR_LABELS, cycle_scores
     from daemon.dataset import load_cycles
     from daemon.report import (
         AlertRecord,
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.data} needs both normal and anomalous test cycles for a report")
 
     with progress() as bar:
-        task = bar.add_task("scoring test cycles (MVT-Flow)", total=len(test))
+        task = bar.add_task(f"scoring test cycles ({DETECTOR_LABELS[model.card.detector]})", total=len(test))
         parts = []
         for i in range(0, len(test), 64):
             chunk = test.signals[i : i + 64]
@@ -166,6 +166,12 @@ def run(args: argparse.Namespace) -> int:
         created=datetime.now(UTC),
         details={
             "model directory": str(args.model),
+            "detector": DETECTOR_LABELS[card.detector]
+            + (
+                " (MVT-Flow NLL + local linear residual + whole-cycle PCA residual)"
+                if card.detector == "fusion"
+                else ""
+            ),
             "scoring": f"{mode}, {card.rate_hz:g} Hz, {len(card.signals)} signals, device {scorer.device}",
             "mean AUROC": f"{100 * result.mean:.1f} % over {len(result.per_category)} categories",
         },

@@ -23,6 +23,7 @@ SIGNAL_ONLY: dict[str, Any] = {
     "--milestones": [11, 61],
     "--hidden-scale": 2,
     "--bf16": False,
+    "--detector": "fusion",
 }
 #: flags of the image path only -> their default there
 IMAGE_ONLY: dict[str, Any] = {
@@ -76,6 +77,12 @@ def add_parser(sub: Any) -> None:
     signals.add_argument("--hidden-scale", type=int, help="hidden channels = signals x this (default 2)")
     signals.add_argument(
         "--bf16", action="store_true", default=None, help="bf16 autocast for training and calibration"
+    )
+    signals.add_argument(
+        "--detector",
+        choices=("fusion", "mvt-flow"),
+        help="fusion (default): MVT-Flow's NLL fused with a local linear-relation residual and a whole-cycle "
+        "PCA residual, each normalized on the calibration split; mvt-flow: the flow's NLL alone, as published",
     )
     images = p.add_argument_group("images (MVTec-layout directory, AST)")
     images.add_argument(
@@ -163,7 +170,16 @@ def train_signals(args: argparse.Namespace) -> int:
     from flows.artifact import ModelCard, Threshold, save_model
     from flows.mvtflow import MVTFlow, MVTFlowConfig
     from flows.preprocess import Standardizer, cut_windows, pad_or_truncate
-    from flows.training import TrainConfig, batched_scores, resolve_device, seed_everything, train_flow
+    from flows.fusion import FusionConfig
+    from flows.training import (
+        TrainConfig,
+        batched_scores,
+        fit_fusion,
+        normal_attribution,
+        resolve_device,
+        seed_everything,
+        train_flow,
+    )
 
     _check(args)
     try:
@@ -235,7 +251,22 @@ def train_signals(args: argparse.Namespace) -> int:
         history = train_flow(
             flow, torch.from_numpy(fit_x), train_config, device, on_epoch=on_epoch, on_batch=on_batch
         )
-    cal_scores = batched_scores(flow, torch.from_numpy(cal_x), device, bf16=args.bf16)
+    fusion = None
+    fit_t, cal_t = torch.from_numpy(fit_x), torch.from_numpy(cal_x)
+    if args.detector == "fusion":
+        with console.status("fitting the linear detectors and the fusion on normal data"):
+            lengths = (
+                torch.tensor([min(len(x), time_steps) for x in fit_set.signals])
+                if args.mode == "cycle"
+                else None
+            )
+            fusion, cal_scores = fit_fusion(
+                flow, fit_t, lengths, cal_t, data.rate_hz, FusionConfig(), device, bf16=args.bf16
+            )
+    else:
+        cal_scores = batched_scores(flow, cal_t, device, bf16=args.bf16)
+    with console.status("measuring the normal attribution profile"):
+        reference = normal_attribution(flow, fit_t, device)
     threshold = Threshold.calibrate(cal_scores, args.fpr)
     card = ModelCard(
         signals=signals,
@@ -247,6 +278,9 @@ def train_signals(args: argparse.Namespace) -> int:
         scaler=scaler,
         threshold=threshold,
         architecture=architecture,
+        detector=args.detector,
+        fusion=fusion.meta() if fusion is not None else None,
+        attribution_reference=tuple(float(v) for v in reference),
         training={
             "data": str(args.data),
             "data_fingerprint": data.fingerprint,
@@ -264,7 +298,7 @@ def train_signals(args: argparse.Namespace) -> int:
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         },
     )
-    save_model(args.out, flow, card)
+    save_model(args.out, flow, card, fusion)
     if len(cal_scores) * args.fpr < 1:
         console.print(
             f"[yellow]note:[/] {len(cal_scores)} calibration {args.mode}s cannot resolve a {args.fpr:g} "
@@ -272,7 +306,8 @@ def train_signals(args: argparse.Namespace) -> int:
             "rate; the threshold is their maximum score"
         )
     console.print(
-        f"saved {args.out}: final loss {history.loss[-1]:+.4f} after {history.seconds:.0f} s; threshold "
+        f"saved {args.out} ({args.detector}): final loss {history.loss[-1]:+.4f} after {history.seconds:.0f} s; "
+        "threshold "
         f"{threshold.value:.1f} (target FPR {args.fpr:g}, {threshold.calibration_fpr:.3f} on calibration)"
     )
     return 0

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flows.artifact import (
-    FORMAT_VERSION,
     WEIGHTS,
     ModelFormatError,
     Threshold,
@@ -27,6 +26,9 @@ from flows.artifact import (
 )
 from flows.ast.features import BACKBONE, IMAGENET_MEAN, IMAGENET_STD, FeatureExtractorConfig
 from flows.ast.model import AST, ASTConfig
+
+#: the image model's own format version (signal models have theirs in flows.artifact)
+FORMAT_VERSION = 1
 
 KIND = "ast"
 Reduce = Literal["mean", "max"]
