@@ -165,16 +165,34 @@ class Scorer:
         self, windows: Sequence[NDArray[np.float32]] | NDArray[np.float32], top: int = 5
     ) -> Localization:
         """Temporal analysis (Eq. 8.6) and the top contributing signals of each window; relative to
-        the normal attribution profile when the model has one."""
-        grads = []
+        the normal attribution profile when the model has one.
+
+        For a fusion model with the local residual, `per_time` is the mean of two curves, each scaled
+        to sum 1: the gradient's and the local residual's (its part above normal, summed over signals),
+        which pinpoints short events that the gradient smears (benchmarks/localization_check.py);
+        which signals (`per_signal`, `top_signals`, `maps`) stays the gradient's, which names the
+        faulty axis of local faults."""
+        grads, residual_curves = [], []
+        use_residual = self.fusion is not None and self.fusion.linres is not None
         for batch in self._batches(windows):
-            grad = self.flow.localize(batch.to(self.device))
+            x = batch.to(self.device)
+            grad = self.flow.localize(x)
             if self.reference is not None:
                 grad = grad / self.reference[None, :, None]
             grads.append(grad.double().cpu())
+            if use_residual:
+                assert self.fusion is not None
+                with torch.no_grad():
+                    above = self.fusion.linres_map(x).clamp_min(0.0).sum(1)
+                residual_curves.append(above.double().cpu())
         g = torch.cat(grads).numpy() if grads else np.zeros((0, len(self.card.signals), self.card.time_steps))
         g = np.nan_to_num(g, nan=0.0, posinf=float(np.finfo(np.float32).max), neginf=0.0)  # an extreme input
         per_time = g.sum(axis=1)
+        if residual_curves:
+            r = np.nan_to_num(
+                torch.cat(residual_curves).numpy(), nan=0.0, posinf=float(np.finfo(np.float32).max)
+            )
+            per_time = 0.5 * (_unit_sum(per_time) + _unit_sum(r))
         per_signal = g.sum(axis=2)
         shares = per_signal / np.maximum(per_signal.sum(axis=1, keepdims=True), 1e-300)
         order = np.argsort(-shares, axis=1)[:, :top]
@@ -182,3 +200,9 @@ class Scorer:
         return Localization(
             per_time=per_time, per_signal=per_signal, top_signals=tops, maps=g.astype(np.float32)
         )
+
+
+def _unit_sum(curves: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Each row scaled to sum 1 (an all-zero row stays zero)."""
+    total = curves.sum(axis=1, keepdims=True)
+    return np.asarray(np.where(total > 0, curves / np.where(total > 0, total, 1.0), 0.0), dtype=np.float64)

@@ -188,6 +188,9 @@ def test_a_saved_fusion_model_scores_as_trained_and_explains_relative_to_normal(
         raw = loaded.flow.localize(probe[3:4]).double().numpy()[0]
     ref = np.asarray(loaded.card.attribution_reference)
     np.testing.assert_allclose(loc.per_signal[0], (raw / ref[:, None]).sum(1), rtol=1e-5)
+    # when: the local residual's curve is mixed in, and it points at the broken steps
+    assert 28 <= int(np.argmax(loc.per_time[0])) <= 38
+    assert loc.per_time[0].sum() == pytest.approx(1.0)
 
 
 def test_a_version_1_model_still_loads_as_plain_mvt_flow(tmp_path: Path) -> None:
