@@ -54,6 +54,8 @@ class Scored:
     normalized: float
     is_anomaly: bool
     capped: bool = False
+    #: a fusion model's parts, each in normal spreads above its normal median (nll, linres, pca)
+    parts: dict[str, float] | None = None
 
 
 class Sink(Protocol):
@@ -216,16 +218,19 @@ def localization_points(
 
 
 def to_point(result: Scored, model: str, mode: str, threshold: float) -> Point:
+    fields: dict[str, float | int | bool | str] = {
+        "score": finite(result.score, SCORE_CAP),
+        "normalized_score": finite(result.normalized),
+        "threshold": float(threshold),
+        "is_anomaly": bool(result.is_anomaly or result.capped),
+        "capped": bool(result.capped),
+        "cycle": int(result.window.cycle),
+    }
+    for name, value in (result.parts or {}).items():
+        fields[f"part_{name}"] = finite(value)
     return Point(
         MEASUREMENT,
-        {
-            "score": finite(result.score, SCORE_CAP),
-            "normalized_score": finite(result.normalized),
-            "threshold": float(threshold),
-            "is_anomaly": bool(result.is_anomaly or result.capped),
-            "capped": bool(result.capped),
-            "cycle": int(result.window.cycle),
-        },
+        fields,
         result.window.time_ns,
         {"robot": result.window.robot, "model": model, "mode": mode},
     )
@@ -558,6 +563,7 @@ class Pipeline:
                 float(scores.normalized[i]),
                 bool(scores.is_anomaly[i]),
                 bool(scores.capped[i]),
+                {k: float(v[i]) for k, v in scores.components.items()} if scores.components else None,
             )
             for i, w in enumerate(windows)
         ]

@@ -915,6 +915,35 @@ def test_detail_state_timeline_is_red_exactly_where_windows_were_anomalous(
         assert {thr for _, _, thr in series["values"]} == {cell.scores[robot][0][5]}, "one model threshold"
 
 
+def test_detail_parts_panel_shows_each_part_of_the_fused_score(
+    cell: Cell, influx: InfluxServer, datasource: dict[str, Any]
+) -> None:
+    """The default model is fused: per interval, each part's highest value, and the parts of a window
+    add up to its raw score (the fused score is their sum)."""
+    query = find("robot-detail.json", 'panel "Which part of the fused detector fired"')
+    for robot in ROBOTS:
+        points = influx.series(
+            'SELECT "score", "part_nll", "part_linres", "part_pca" FROM anomaly_score '
+            f"WHERE robot = '{robot}'",
+            "dashboards",
+        )
+        assert points, f"no scores for {robot}"
+        for _, score, *parts in points:
+            assert score == pytest.approx(sum(parts), rel=1e-6, abs=1e-6), "the fused score is the parts' sum"
+        (series,) = run(influx, datasource, query, interpolate(query.text, (robot,), multi=False))
+        names = ["MVT-Flow NLL", "local linear residual", "whole-cycle PCA residual"]
+        assert series["columns"] == ["time", *names], query.says("the columns")
+        expected: dict[int, list[float]] = {}
+        for time_ns, _, *parts in points:
+            bucket = time_ns - time_ns % INTERVAL_NS
+            old = expected.get(bucket, [float("-inf")] * 3)
+            expected[bucket] = [max(a, b) for a, b in zip(old, parts, strict=True)]
+        got = {row[0]: row[1:] for row in series["values"]}
+        assert got.keys() == expected.keys(), query.says(f"the intervals of {robot}")
+        for bucket, values in expected.items():
+            assert got[bucket] == pytest.approx(values), query.says(f"the parts of {robot}")
+
+
 def test_detail_localization_table_gives_each_alerts_event_time_and_top_signals(
     cell: Cell, influx: InfluxServer, datasource: dict[str, Any]
 ) -> None:
