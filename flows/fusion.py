@@ -43,7 +43,7 @@ class FusionConfig:
     #: moving-average width of the local residual, seconds (the length of the events to catch)
     event_s: float = 0.3
     #: steps of the past appended to each step's signal vector
-    lags: int = 2
+    lags: int = 4
     #: share of the normal steps' variance inside the principal subspace
     variance: float = 0.99999
     #: principal components of the whole-cycle PCA (fewer when there are fewer training cycles)
@@ -225,8 +225,8 @@ class SignalFusion:
                 "profile.mean": (signals, time_steps),
                 "profile.spread": (signals, time_steps),
             }
-            k = self.linres.components.shape[0]
-            expected["linres.components"] = (k, width) if 0 < k < width else (-1,)
+            r = self.linres.complement.shape[0]
+            expected["linres.complement"] = (r, width) if 0 < r < width else (-1,)
         if self.pca is not None:
             k = self.pca.components.shape[0]
             expected |= {

@@ -33,7 +33,8 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoSer
 
 @pytest.fixture(scope="session")
 def tiny_cell_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 60-cycle simulated cell and a tiny MVT-Flow (10 Hz, 3 epochs) trained on it: enough to drive
+    """A 60-cycle simulated cell and a tiny signal model (the default fused detector on a 10 Hz, 3-epoch
+    MVT-Flow) trained on it: enough to drive
     the daemon end to end, not a good detector."""
     from daemon.cli import main
     from ingest.sim.dataset import write_recording
