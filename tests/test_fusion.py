@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -131,14 +132,9 @@ def test_fusion_config_refuses_unknown_parts() -> None:
 
 
 # --- the artifact -----------------------------------------------------------------------------------
-def fused_model(tmp_path: Path) -> tuple[Path, torch.Tensor]:
-    torch.manual_seed(0)
-    x = related(48)
-    flow = MVTFlow(MVTFlowConfig(signals=6, time_steps=64)).eval()
-    fusion, cal_scores = fit_fusion(
-        flow, x[:40], None, x[40:], 20.0, FusionConfig(pca_components=8), torch.device("cpu")
-    )
-    card = ModelCard(
+def plain_card(flow: MVTFlow, threshold: Threshold, **extra: Any) -> ModelCard:
+    """A card for the 6 test signals at 20 Hz, identity scaler; `extra` sets the detector fields."""
+    return ModelCard(
         signals=SIGNALS,
         rate_hz=20.0,
         mode="cycle",
@@ -146,9 +142,23 @@ def fused_model(tmp_path: Path) -> tuple[Path, torch.Tensor]:
         window=None,
         hop=None,
         scaler=Standardizer(mean=np.zeros(6), std=np.ones(6)),
-        threshold=Threshold.calibrate(cal_scores, 0.1),
+        threshold=threshold,
         architecture=flow.config,
         training={},
+        **extra,
+    )
+
+
+def fused_model(tmp_path: Path) -> tuple[Path, torch.Tensor]:
+    torch.manual_seed(0)
+    x = related(48)
+    flow = MVTFlow(MVTFlowConfig(signals=6, time_steps=64)).eval()
+    fusion, cal_scores = fit_fusion(
+        flow, x[:40], None, x[40:], 20.0, FusionConfig(pca_components=8), torch.device("cpu")
+    )
+    card = plain_card(
+        flow,
+        Threshold.calibrate(cal_scores, 0.1),
         detector="fusion",
         fusion=fusion.meta(),
         attribution_reference=tuple(normal_attribution(flow, x[:40], torch.device("cpu")).tolist()),
@@ -195,18 +205,7 @@ def test_a_saved_fusion_model_scores_as_trained_and_explains_relative_to_normal(
 
 def test_a_version_1_model_still_loads_as_plain_mvt_flow(tmp_path: Path) -> None:
     flow = MVTFlow(MVTFlowConfig(signals=6, time_steps=64)).eval()
-    card = ModelCard(
-        signals=SIGNALS,
-        rate_hz=20.0,
-        mode="cycle",
-        time_steps=64,
-        window=None,
-        hop=None,
-        scaler=Standardizer(mean=np.zeros(6), std=np.ones(6)),
-        threshold=Threshold(1.0, 0.0, 0.01, 0.0, 10),
-        architecture=flow.config,
-        training={},
-    )
+    card = plain_card(flow, Threshold(1.0, 0.0, 0.01, 0.0, 10))
     path = tmp_path / "v1"
     save_model(path, flow, card)
     meta = json.loads((path / "model.json").read_text())

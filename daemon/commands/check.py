@@ -177,7 +177,9 @@ def _model(config: Any, results: list[Result]) -> Any:
             Result(
                 "model",
                 True,
-                f"{models.signals.name}: MVT-Flow, {card.mode} mode, {card.rate_hz:g} Hz, "
+                f"{models.signals.name}: "
+                f"{'fused (MVT-Flow + linear residuals)' if card.detector == 'fusion' else 'MVT-Flow'}, "
+                f"{card.mode} mode, {card.rate_hz:g} Hz, "
                 f"{len(card.signals)} signals, {card.time_steps} steps, threshold {card.threshold.value:.4g}",
             )
         )
