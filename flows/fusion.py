@@ -225,8 +225,8 @@ class SignalFusion:
                 "profile.mean": (signals, time_steps),
                 "profile.spread": (signals, time_steps),
             }
-            r = self.linres.complement.shape[0]
-            expected["linres.complement"] = (r, width) if 0 < r < width else (-1,)
+            k = self.linres.components.shape[0]
+            expected["linres.components"] = (k, width) if 0 < k < width else (-1,)
         if self.pca is not None:
             k = self.pca.components.shape[0]
             expected |= {

@@ -52,15 +52,17 @@ class LinearResidual:
 
     A row is the standardized signal vector at one time step, optionally with the vectors of the
     previous ``lags`` steps appended (so relations between a signal and its recent past, a velocity
-    and its position, count too). The principal directions of the
+    and its position, count too). ``components`` (k, S·(lags+1)) are the principal directions of the
     normal rows keeping ``variance`` of their variance; the residual of a row is its part outside them.
     """
 
-    def __init__(self, mean: Tensor, complement: Tensor, scale: Tensor, lags: int = 0) -> None:
+    def __init__(self, mean: Tensor, components: Tensor, scale: Tensor, lags: int = 0) -> None:
         self.mean = mean.float()  # (S·(lags+1),)
-        #: (r, S·(lags+1)) orthonormal rows spanning the residual space (the directions left out):
-        #: the residual is the projection onto them, cheaper than removing the principal part when r < k
-        self.complement = complement.float()
+        #: (k, S·(lags+1)) orthonormal rows. The residual is computed as x − (x Cᵀ) C, not as the
+        #: projection onto the left-out directions: in float32 that projection is dominated by rounding
+        #: (the left-out variance is ~1e-4 of a signal's and less) and cost 1.3 points of mean AUROC
+        #: (97.1 -> 95.9 on the 25 Hz bench) against 97.2 for this form, equal to float64's 97.1
+        self.components = components.float()
         self.scale = scale.float()  # (S,) normal RMS residual per signal (attribution unit)
         self.lags = lags
 
@@ -114,15 +116,15 @@ class LinearResidual:
         share = torch.cumsum(eigval, 0) / all_variance
         kept = int(torch.searchsorted(share, torch.tensor(variance, dtype=share.dtype)))
         k = max(1, min(kept + 1, width - 1))
-        complement = eigvec[:, k:].T.contiguous()
+        components = eigvec[:, :k].T.contiguous()
         # each signal's normal mean squared residual (over its lagged copies): the attribution unit
         squared = torch.zeros(width, dtype=torch.float64)
         for rows in cls._chunks(x, lengths, lags, chunk):
             centred = rows - mean
-            squared += ((centred @ complement.T) @ complement).square().sum(0)
+            squared += (centred - (centred @ components.T) @ components).square().sum(0)
         per_signal = (squared / count).reshape(lags + 1, x.shape[1]).sum(0)
         scale = per_signal.sqrt().clamp_min(1e-6)
-        return cls(mean, complement, scale, lags)
+        return cls(mean, components, scale, lags)
 
     @classmethod
     def _chunks(cls, x: Tensor, lengths: Tensor | None, lags: int, chunk: int) -> Iterator[Tensor]:
@@ -135,8 +137,8 @@ class LinearResidual:
         """Squared residual per signal (B, S, T) of standardized cycles (B, S, T), in units of each
         signal's normal mean squared residual (summed over its lagged copies)."""
         rows = self._embed(x, self.lags).transpose(1, 2) - self.mean.to(x)  # (B, T, S·(lags+1))
-        basis = self.complement.to(x)
-        res = ((rows @ basis.T) @ basis).square()
+        comps = self.components.to(x)
+        res = (rows - (rows @ comps.T) @ comps).square()
         b, t, _ = res.shape
         per_signal = res.reshape(b, t, self.lags + 1, self.signals).sum(2).transpose(1, 2)
         return per_signal / self.scale.to(x)[None, :, None].square()
@@ -152,13 +154,13 @@ class LinearResidual:
     def state(self, prefix: str) -> dict[str, Tensor]:
         return {
             f"{prefix}.mean": self.mean,
-            f"{prefix}.complement": self.complement,
+            f"{prefix}.components": self.components,
             f"{prefix}.scale": self.scale,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], prefix: str, lags: int) -> LinearResidual:
-        return cls(state[f"{prefix}.mean"], state[f"{prefix}.complement"], state[f"{prefix}.scale"], lags)
+        return cls(state[f"{prefix}.mean"], state[f"{prefix}.components"], state[f"{prefix}.scale"], lags)
 
 
 class StepProfile:
