@@ -9,10 +9,13 @@ same standardized, padded cycles:
 - ``mvt-flow``: the flow's NLL (the published model);
 - ``1-nn``, ``pca``: the paper's baselines;
 - ``flow-local``: the flow's latent energy ½Σ_s z² per time step, per-step normalized, max over time;
-- ``linres-local``: the instantaneous linear-relation residual per time step, same reduction;
-- ``linres-mean``: the same standardized residual, mean over time;
-- fusions ``a+b``: each part standardized on the calibration split (normal cycles held out from
-  training, never a test label), summed.
+- ``linres-local``: the local linear-relation residual (4 lags, 99.999 %), per signal and step,
+  per-step normalized, max over signals and time; ``linres-l0``: the same without lags (99.99 %);
+- ``student``, ``student-local`` (with --student): a conv net trained to regress the flow's latent z,
+  scored by the squared student–teacher distance (mean over the cycle, or the local reduction);
+- fusions ``a+b`` (sum) and ``a|b`` (max): each part standardized (median, scaled MAD) on the
+  calibration split (normal cycles held out from training, never a test label);
+- ``fused (default)``: what ``cellwatch train`` ships (flows.fusion.SignalFusion with its defaults).
 
 Costs: training seconds of what a detector needs beyond the data (the flow's training is counted for
 every detector that uses the flow) and scoring ms per cycle on this machine.
@@ -226,7 +229,7 @@ def run_one(
         }
 
     singles = [torch.tensor([i]) for i in range(x_fit.shape[1])]
-    for name, lags, variance in (("linres-local", 2, 0.99999), ("linres-l0", 0, 0.9999)):
+    for name, lags, variance in (("linres-local", 4, 0.99999), ("linres-l0", 0, 0.9999)):
         started = time.perf_counter()
         lin = LinearResidual.fit(x_fit, len_fit, variance=variance, lags=lags)
         lin_profile = StepProfile.fit(lin.energy(x_fit, singles), width)

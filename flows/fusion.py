@@ -1,5 +1,5 @@
 """The fused signal detector: MVT-Flow's likelihood next to two linear detectors, each normalized on
-normal data only and summed.
+normal data only; the fused score is the most anomalous part.
 
 Components (see benchmarks/detector_bench.py for the evidence that chose them):
 
@@ -15,7 +15,9 @@ Components (see benchmarks/detector_bench.py for the evidence that chose them):
 
 Each component's score is standardized with the median and the scaled median absolute deviation of
 its scores on the calibration split (normal training cycles never trained on); the fused score is
-their sum. A threshold calibrated on the fused score of the same split then sets the alarm rate.
+their maximum ("max", the default: the part furthest above normal decides, and it is the part that
+fired) or their sum ("sum"). A threshold calibrated on the fused score of the same split then sets the
+alarm rate.
 
 Everything here is tensors and plain numbers: ``state()`` goes into a safetensors file and
 ``meta()`` into model.json.
@@ -48,6 +50,8 @@ class FusionConfig:
     variance: float = 0.99999
     #: principal components of the whole-cycle PCA (fewer when there are fewer training cycles)
     pca_components: int = 90
+    #: how the normalized parts make the score: "max" (the furthest above normal) or "sum"
+    rule: str = "max"
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.components if c not in COMPONENTS]
@@ -63,6 +67,8 @@ class FusionConfig:
             raise ValueError(f"variance must be in (0, 1), got {self.variance}")
         if self.pca_components < 1:
             raise ValueError(f"pca_components must be >= 1, got {self.pca_components}")
+        if self.rule not in ("max", "sum"):
+            raise ValueError(f"rule must be 'max' or 'sum', got {self.rule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -204,11 +210,12 @@ class SignalFusion:
         return out
 
     def fuse(self, components: dict[str, Tensor]) -> Tensor:
-        """Sum of the normalized component scores (B,)."""
+        """The normalized component scores (B,) combined by the config's rule (max or sum)."""
         if not self.normalizers:
             raise RuntimeError("SignalFusion.fuse called before calibrate")
         parts = [self.normalizers[name](components[name].double()) for name in self.config.components]
-        return torch.stack(parts).sum(0)
+        stacked = torch.stack(parts)
+        return stacked.amax(0) if self.config.rule == "max" else stacked.sum(0)
 
     def normalized(self, components: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: self.normalizers[name](components[name].double()) for name in self.config.components}

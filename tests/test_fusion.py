@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flows.artifact import ModelCard, ModelFormatError, Threshold, load_model, save_model
-from flows.fusion import FusionConfig, Normalizer
+from flows.fusion import FusionConfig, Normalizer, SignalFusion
 from flows.mvtflow import MVTFlow, MVTFlowConfig
 from flows.preprocess import Standardizer
 from flows.residual import LinearResidual, StepProfile, axis_groups, moving_average
@@ -129,6 +129,21 @@ def test_fusion_config_refuses_unknown_parts() -> None:
         FusionConfig(variance=1.0)
     with pytest.raises(ValueError, match="unknown fusion config keys"):
         FusionConfig.from_dict({"lagz": 2})
+    with pytest.raises(ValueError, match="rule must be"):
+        FusionConfig(rule="mean")
+
+
+def test_fusion_rules_take_the_top_part_or_the_sum() -> None:
+    parts = {
+        "nll": torch.tensor([1.0, 10.0]),
+        "linres": torch.tensor([3.0, 0.0]),
+        "pca": torch.tensor([2.0, 1.0]),
+    }
+    for rule, expected in (("max", [3.0, 10.0]), ("sum", [6.0, 11.0])):
+        fusion = SignalFusion(
+            FusionConfig(rule=rule), {k: Normalizer(0.0, 1.0) for k in parts}, None, None, None
+        )
+        assert fusion.fuse(parts).tolist() == expected
 
 
 # --- the artifact -----------------------------------------------------------------------------------

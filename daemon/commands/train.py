@@ -81,8 +81,9 @@ def add_parser(sub: Any) -> None:
     signals.add_argument(
         "--detector",
         choices=("fusion", "mvt-flow"),
-        help="fusion (default): MVT-Flow's NLL fused with a local linear-relation residual and a whole-cycle "
-        "PCA residual, each normalized on the calibration split; mvt-flow: the flow's NLL alone, as published",
+        help="fusion (default): MVT-Flow's NLL, a local linear-relation residual and a whole-cycle PCA "
+        "residual, each normalized on the calibration split, the score is the most anomalous of the three; "
+        "mvt-flow: the flow's NLL alone, as published",
     )
     images = p.add_argument_group("images (MVTec-layout directory, AST)")
     images.add_argument(
@@ -168,9 +169,9 @@ def train_signals(args: argparse.Namespace) -> int:
 
     from daemon.dataset import load_cycles, resolve_signals
     from flows.artifact import ModelCard, Threshold, save_model
+    from flows.fusion import FusionConfig
     from flows.mvtflow import MVTFlow, MVTFlowConfig
     from flows.preprocess import Standardizer, cut_windows, pad_or_truncate
-    from flows.fusion import FusionConfig
     from flows.training import (
         TrainConfig,
         batched_scores,
@@ -306,8 +307,8 @@ def train_signals(args: argparse.Namespace) -> int:
             "rate; the threshold is their maximum score"
         )
     console.print(
-        f"saved {args.out} ({args.detector}): final loss {history.loss[-1]:+.4f} after {history.seconds:.0f} s; "
-        "threshold "
-        f"{threshold.value:.1f} (target FPR {args.fpr:g}, {threshold.calibration_fpr:.3f} on calibration)"
+        f"saved {args.out} ({args.detector}): final loss {history.loss[-1]:+.4f} after "
+        f"{history.seconds:.0f} s; threshold {threshold.value:.4g} (target FPR {args.fpr:g}, "
+        f"{threshold.calibration_fpr:.3f} on calibration)"
     )
     return 0
