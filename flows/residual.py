@@ -30,8 +30,14 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
-#: relative floor of the per-step spread (of the median spread), so an all-padding step cannot divide by ~0
+#: floor of the per-step spread, as a fraction of the median spread over every signal and step: a step
+#: (or a signal) whose normal energy never varies (padding; an exact relation such as a target signal
+#: and its derivative) must not turn a rounding difference into thousands of spreads
 _SPREAD_FLOOR = 0.25
+#: floor of a signal's normal RMS residual, in standardized units (its normal std = 1): a signal held
+#: to a relation exactly (targets, the controller's own model) is measured at this resolution, so the
+#: data path's rounding (an EtherCAT integer encoding, float32 transport) is not an anomaly
+SCALE_FLOOR = 1e-3
 
 
 def moving_average(x: Tensor, width: int) -> Tensor:
@@ -123,7 +129,7 @@ class LinearResidual:
             centred = rows - mean
             squared += (centred - (centred @ components.T) @ components).square().sum(0)
         per_signal = (squared / count).reshape(lags + 1, x.shape[1]).sum(0)
-        scale = per_signal.sqrt().clamp_min(1e-6)
+        scale = per_signal.sqrt().clamp_min(SCALE_FLOOR)
         return cls(mean, components, scale, lags)
 
     @classmethod
@@ -203,11 +209,7 @@ class StepProfile:
             raise ValueError("StepProfile needs the energies of at least two normal cycles")
         mean = total / count
         spread = ((total_sq - count * mean.square()).clamp_min(0.0) / (count - 1)).sqrt()
-        if spread.ndim > 1:
-            floor = _SPREAD_FLOOR * spread.flatten(0, -2).median(-1).values
-            spread = torch.maximum(spread, floor.reshape(*spread.shape[:-1], 1).clamp_min(1e-6))
-        else:
-            spread = spread.clamp_min(max(_SPREAD_FLOOR * float(spread.median()), 1e-6))
+        spread = spread.clamp_min(max(_SPREAD_FLOOR * float(spread.median()), 1e-6))
         return cls(width, mean, spread, offset)
 
     def standardize(self, energy: Tensor) -> Tensor:

@@ -82,8 +82,13 @@ def test_a_bus_capture_scores_as_the_parquet_file_of_the_same_cycles(
     assert sorted(bus) == sorted(c for c in parquet if c != last)
     got = np.array([bus[c]["score"] for c in sorted(bus)])
     want = np.array([parquet[c]["score"] for c in sorted(bus)])
-    # the bus carries integers (positions at 0.1 µrad, targets at 1e-6): scores agree to about 1e-4
-    np.testing.assert_allclose(got, want, rtol=5e-4)
+    # the bus carries integers (positions at 0.1 µrad, targets at 1e-6): the flow's part of the score
+    # agrees to about 1e-4; the fused score, whose local residual measures exact relations between
+    # signals (at a floor of 1e-3 of a signal's spread), to about 1e-2 or 0.05 normal spreads
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=0.05)
+    nll = "part_nll"
+    span = np.array([abs(parquet[c][nll]) for c in sorted(bus)]) + 1.0
+    assert np.all(np.abs([bus[c][nll] - parquet[c][nll] for c in sorted(bus)]) <= 5e-3 * span)
     assert [bus[c]["is_anomaly"] for c in sorted(bus)] == [parquet[c]["is_anomaly"] for c in sorted(bus)]
 
 
