@@ -111,30 +111,22 @@ class Normalizer:
 class PCAResidual:
     """Whole-sample PCA reconstruction error (the paper's PCA baseline) with stored components."""
 
-    def __init__(self, mean: Tensor, components: Tensor, normal: Tensor) -> None:
+    def __init__(self, mean: Tensor, components: Tensor) -> None:
         self.mean = mean.float()  # (D,)
         self.components = components.float()  # (k, D)
-        self.normal = normal.float()  # (S,) mean per-signal squared residual of normal training samples
-
-    def residual(self, x: Tensor) -> Tensor:
-        """Squared residual per signal and step (B, S, T)."""
-        flat = x.reshape(len(x), -1).float() - self.mean.to(x.device)
-        comps = self.components.to(x.device)
-        return (flat - (flat @ comps.T) @ comps).square().reshape(x.shape)
 
     def score(self, x: Tensor) -> Tensor:
-        return self.residual(x).flatten(1).sum(1, dtype=torch.float64)
+        """Squared reconstruction error of each sample (B,), summed in float64."""
+        flat = x.reshape(len(x), -1).float() - self.mean.to(x.device)
+        comps = self.components.to(x.device)
+        return (flat - (flat @ comps.T) @ comps).square().sum(1, dtype=torch.float64)
 
     def state(self, prefix: str) -> dict[str, Tensor]:
-        return {
-            f"{prefix}.mean": self.mean,
-            f"{prefix}.components": self.components,
-            f"{prefix}.normal": self.normal,
-        }
+        return {f"{prefix}.mean": self.mean, f"{prefix}.components": self.components}
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], prefix: str) -> PCAResidual:
-        return cls(state[f"{prefix}.mean"], state[f"{prefix}.components"], state[f"{prefix}.normal"])
+        return cls(state[f"{prefix}.mean"], state[f"{prefix}.components"])
 
 
 class SignalFusion:
@@ -153,7 +145,6 @@ class SignalFusion:
         self.linres = linres
         self.profile = profile
         self.pca = pca
-        self._singles: list[Tensor] | None = None
 
     # --- fitting ------------------------------------------------------------------------------------
     @classmethod
@@ -168,19 +159,13 @@ class SignalFusion:
         if "linres" in config.components:
             linres = LinearResidual.fit(x_fit, lengths, variance=config.variance, lags=config.lags)
             width = window_steps(config.event_s, rate_hz)
-            fitted = linres
-            profile = StepProfile.fit(
-                (fitted.residual(x_fit[i : i + 32]) for i in range(0, len(x_fit), 32)), width
-            )
+            residuals = (linres.residual(x_fit[i : i + 32]) for i in range(0, len(x_fit), 32))
+            profile = StepProfile.fit(residuals, width)
         if "pca" in config.components:
             base = PCABaseline(n_components=config.pca_components).fit(x_fit)
             assert base.mean_ is not None
             assert base.components_ is not None
-            pca = PCAResidual(base.mean_, base.components_, torch.zeros(x_fit.shape[1]))
-            normal = torch.stack(
-                [pca.residual(x_fit[i : i + 64]).sum(2).mean(0) for i in range(0, len(x_fit), 64)]
-            )
-            pca.normal = normal.mean(0).clamp_min(1e-12)
+            pca = PCAResidual(base.mean_, base.components_)
         return cls(config, {}, linres, profile, pca)
 
     def calibrate(self, components: dict[str, Tensor]) -> None:
@@ -210,15 +195,19 @@ class SignalFusion:
         return out
 
     def fuse(self, components: dict[str, Tensor]) -> Tensor:
-        """The normalized component scores (B,) combined by the config's rule (max or sum)."""
-        if not self.normalizers:
-            raise RuntimeError("SignalFusion.fuse called before calibrate")
-        parts = [self.normalizers[name](components[name].double()) for name in self.config.components]
-        stacked = torch.stack(parts)
-        return stacked.amax(0) if self.config.rule == "max" else stacked.sum(0)
+        """The fused score (B,) of raw component scores."""
+        return self.combine(self.normalized(components))
 
     def normalized(self, components: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each component's score in normal spreads above its normal median."""
+        if not self.normalizers:
+            raise RuntimeError("SignalFusion used before calibrate")
         return {name: self.normalizers[name](components[name].double()) for name in self.config.components}
+
+    def combine(self, normalized: dict[str, Tensor]) -> Tensor:
+        """Normalized component scores combined by the config's rule: their maximum or their sum."""
+        stacked = torch.stack([normalized[name] for name in self.config.components])
+        return stacked.amax(0) if self.config.rule == "max" else stacked.sum(0)
 
     # --- artifact -----------------------------------------------------------------------------------
     def check(self, signals: int, time_steps: int) -> None:
@@ -238,7 +227,6 @@ class SignalFusion:
             k = self.pca.components.shape[0]
             expected |= {
                 "pca.mean": (signals * time_steps,),
-                "pca.normal": (signals,),
                 "pca.components": (k, signals * time_steps) if k > 0 else (-1,),
             }
         state = self.state()

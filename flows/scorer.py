@@ -6,7 +6,8 @@
 
 `score()` takes a batch of windows from any number of robots at once (micro-batching) and runs on
 the GPU when there is one. A fusion model (flows.fusion) scores with the flow's NLL and its two linear
-detectors, normalized and summed; `Scores.components` then says how far above normal each part is.
+detectors, each normalized on normal data, combined by the model's rule (by default: the most anomalous
+part); `Scores.components` then says how far above normal each part is.
 Explanations (`localize`) are |∂NLL/∂x| relative to each signal's normal attribution when the model
 has that profile (every model trained by this version), so a signal that always carries a large
 gradient does not crowd out the one that really changed.
@@ -136,9 +137,9 @@ class Scorer:
             if self.fusion is None:
                 parts.append(nll.cpu())
                 continue
-            components = self.fusion.components(x, nll)
-            parts.append(self.fusion.fuse(components).cpu())
-            for name, value in self.fusion.normalized(components).items():
+            in_spreads = self.fusion.normalized(self.fusion.components(x, nll))
+            parts.append(self.fusion.combine(in_spreads).cpu())
+            for name, value in in_spreads.items():
                 component_parts.setdefault(name, []).append(value.cpu())
         raw = torch.cat(parts).double().numpy() if parts else np.zeros(0)
         component_scores = None

@@ -158,12 +158,14 @@ def evaluate_signals(args: argparse.Namespace) -> int:
     anomaly = np.asarray(test.anomaly)
     results[label] = per_category_auroc(model_scores, test.categories, anomaly)
     all_scores = {label: model_scores}
+    columns = []  # a fusion model's components
     for name in component_parts[0] if component_parts else {}:
         values = np.concatenate([c[name] for c in component_parts])
         column = COMPONENT_LABELS.get(name, name)
         results[column] = per_category_auroc(values, test.categories, anomaly)
         all_scores[column] = values
         timings[column] = timings[label]
+        columns.append(column)
     if args.baselines:
         import torch
 
@@ -205,7 +207,6 @@ def evaluate_signals(args: argparse.Namespace) -> int:
             "normals": main.normals,
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }
-        columns = [COMPONENT_LABELS.get(n, n) for n in (component_parts[0] if component_parts else {})]
         if columns:
             out["components"] = {
                 name: {"per_category": results[name].per_category, "mean": results[name].mean}
